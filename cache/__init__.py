@@ -1,0 +1,1 @@
+"""The HDF5 feature store that extraction writes and fusion reads."""

@@ -1,0 +1,171 @@
+"""HDF5 feature files: one encoder's vectors, keyed by content, with their provenance.
+
+Layout of format version 1:
+
+    /                  attrs: format, format_version, complete
+    /features          attrs: provenance (JSON)
+    /features/keys     (N,) UTF-8 content keys, one per row; row order is stored, not implied
+    /features/vectors  (N, width) the encoder's output, one row per key
+    /sources/name      (M,) optional: where each item came from (an image path) ...
+    /sources/key       (M,) ... and its key, so training needs no access to the images
+
+A file is written as NAME.partial in the same folder and renamed last, so a crash never
+leaves a file that looks complete but is not.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from pipeline.errors import UserError
+
+FORMAT_NAME = "vlmf-features"
+FORMAT_VERSION = 1
+PARTIAL_SUFFIX = ".partial"
+_TEXT = h5py.string_dtype(encoding="utf-8")
+
+
+@dataclass(frozen=True)
+class FeatureSet:
+    """Vectors of unique items, their content keys and how they were made."""
+
+    keys: tuple[str, ...]  # content keys (pipeline.keys), one per row of `vectors`
+    vectors: np.ndarray  # [N, width]
+    provenance: Mapping[str, Any]  # JSON-serialisable: encoder, source, pooling, dtype, ...
+    sources: Mapping[str, str] = field(default_factory=dict)  # source name -> key
+
+    def __post_init__(self) -> None:
+        if self.vectors.ndim != 2 or self.vectors.shape[0] != len(self.keys):
+            raise ValueError(
+                f"vectors must be [len(keys), width]; got {self.vectors.shape} "
+                f"for {len(self.keys)} keys"
+            )
+        if len(set(self.keys)) != len(self.keys):
+            raise ValueError("keys must be unique: each item is stored once")
+
+    @property
+    def width(self) -> int:
+        """The length of one vector."""
+        return int(self.vectors.shape[1])
+
+    def rows_of(self, keys: list[str], what: str) -> np.ndarray:
+        """Row indices of `keys`; a key that is absent is a UserError naming `what`."""
+        row_of_key = {key: row for row, key in enumerate(self.keys)}
+        absent = [key for key in keys if key not in row_of_key]
+        if absent:
+            raise UserError(
+                f"{what}: {len(absent)} item(s) have no vector (first key {absent[0][:16]}...); "
+                "the feature file was extracted from another manifest: re-run extraction"
+            )
+        return np.fromiter((row_of_key[key] for key in keys), dtype=np.int64, count=len(keys))
+
+
+def write_features(path: str | Path, features: FeatureSet) -> Path:
+    """Write `features` to `path` atomically (via a .partial file, marked complete last)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + PARTIAL_SUFFIX)
+    with h5py.File(partial, "w") as handle:
+        handle.attrs["format"] = FORMAT_NAME
+        handle.attrs["format_version"] = FORMAT_VERSION
+        handle.attrs["complete"] = False
+        group = handle.create_group("features")
+        group.attrs["provenance"] = json.dumps(dict(features.provenance), ensure_ascii=False)
+        group.create_dataset("keys", data=list(features.keys), dtype=_TEXT)
+        group.create_dataset("vectors", data=features.vectors)
+        if features.sources:
+            sources = handle.create_group("sources")
+            sources.create_dataset("name", data=list(features.sources), dtype=_TEXT)
+            sources.create_dataset("key", data=list(features.sources.values()), dtype=_TEXT)
+        handle.attrs["complete"] = True
+    os.replace(partial, path)
+    return path
+
+
+def _open_checked(path: Path) -> h5py.File:
+    if not path.is_file():
+        raise UserError(f"feature file {path} does not exist; run extraction first")
+    try:
+        handle = h5py.File(path, "r")
+    except OSError as error:
+        raise UserError(f"{path} is not a readable HDF5 feature file ({error})") from None
+    found_format = handle.attrs.get("format")
+    version = int(handle.attrs.get("format_version", -1))
+    problem = None
+    if found_format != FORMAT_NAME:
+        problem = f"{path} is not a {FORMAT_NAME} file (format attribute: {found_format!r})"
+    elif version > FORMAT_VERSION:
+        problem = (
+            f"{path} is format version {version}, newer than this version of the tool "
+            f"reads ({FORMAT_VERSION}); upgrade the package: pip install -U -e ."
+        )
+    elif version < FORMAT_VERSION:
+        problem = (
+            f"{path} is format version {version}; this tool reads version {FORMAT_VERSION}. "
+            "Re-run extraction to rewrite it"
+        )
+    elif not bool(handle.attrs.get("complete", False)):
+        problem = f"{path} was not completely written; re-run extraction"
+    if problem:
+        handle.close()
+        raise UserError(problem)
+    return handle
+
+
+def _texts(dataset: h5py.Dataset) -> tuple[str, ...]:
+    return tuple(dataset.asstr()[()])
+
+
+def read_provenance(path: str | Path) -> dict[str, Any]:
+    """Only the provenance of a feature file (cheap: no vectors are read)."""
+    with _open_checked(Path(path)) as handle:
+        return json.loads(handle["features"].attrs["provenance"])
+
+
+def read_features(path: str | Path) -> FeatureSet:
+    """Read a whole feature file, checking its format, version and completeness."""
+    with _open_checked(Path(path)) as handle:
+        group = handle["features"]
+        sources: dict[str, str] = {}
+        if "sources" in handle:
+            names = _texts(handle["sources/name"])
+            sources = dict(zip(names, _texts(handle["sources/key"]), strict=True))
+        return FeatureSet(
+            keys=_texts(group["keys"]),
+            vectors=group["vectors"][()],
+            provenance=json.loads(group.attrs["provenance"]),
+            sources=sources,
+        )
+
+
+def check_provenance(
+    path: str | Path, provenance: Mapping[str, Any], expected: Mapping[str, Any]
+) -> None:
+    """Refuse features whose provenance differs from what a run asks for.
+
+    Args:
+        path: the file the provenance came from, for the message.
+        provenance: the file's provenance.
+        expected: provenance entries the run needs, e.g. {"encoder": "llama3", "pooling": "mean"}.
+
+    Raises:
+        UserError: listing every entry that differs, with both values.
+    """
+    differences = [
+        f"{name} is {provenance.get(name)!r} in the file but this run asks for {wanted!r}"
+        for name, wanted in expected.items()
+        if provenance.get(name) != wanted
+    ]
+    if differences:
+        raise UserError(
+            f"{path} does not match this run: {'; '.join(differences)}. "
+            "Point the run at matching features or change its settings"
+        )

@@ -1,0 +1,198 @@
+"""Stage configuration: dataclass defaults < a params.yaml section < command-line flags.
+
+Each stage declares one frozen dataclass whose fields are made with `setting()`; the help
+text there is the single description of the option, reused by `--help`. Unknown keys in
+params.yaml are errors that list the valid keys, and flags are parsed strictly (a bool
+flag accepts true/false, not any string).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from pipeline.errors import UserError
+
+Config = TypeVar("Config")
+
+_TRUE_WORDS = {"true", "1", "yes", "on"}
+_FALSE_WORDS = {"false", "0", "no", "off"}
+
+
+def setting(default: Any, help: str) -> Any:
+    """A config field with its help text; tuples are the only sequence type (frozen)."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def parse_bool(text: str) -> bool:
+    """Parse a boolean flag strictly."""
+    word = str(text).strip().lower()
+    if word in _TRUE_WORDS:
+        return True
+    if word in _FALSE_WORDS:
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _field_types(config_cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(config_cls)
+
+
+def _element_type(tuple_type: Any) -> type:
+    return typing.get_args(tuple_type)[0]
+
+
+def _is_tuple(field_type: Any) -> bool:
+    return typing.get_origin(field_type) is tuple
+
+
+def _flag_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type, section: str) -> None:
+    """Add `--params`, `--section` and one flag per config field to `parser`.
+
+    Flags default to None so that only what the user typed overrides params.yaml.
+    """
+    parser.add_argument(
+        "--params",
+        metavar="YAML",
+        help="params.yaml with one section per stage; its values override the defaults "
+        "below and flags override it",
+    )
+    parser.add_argument(
+        "--section",
+        default=section,
+        help=f"which section of --params to read (default: {section})",
+    )
+    types_by_name = _field_types(config_cls)
+    for field in dataclasses.fields(config_cls):
+        field_type = types_by_name[field.name]
+        help_text = f"{field.metadata.get('help', '')} (default: {_show(field.default)})"
+        if _is_tuple(field_type):
+            parser.add_argument(
+                _flag_name(field.name),
+                nargs="+",
+                type=_element_type(field_type),
+                help=help_text,
+                metavar=field.name.upper(),
+            )
+        elif field_type is bool:
+            parser.add_argument(
+                _flag_name(field.name), type=parse_bool, metavar="{true,false}", help=help_text
+            )
+        else:
+            parser.add_argument(
+                _flag_name(field.name), type=field_type, help=help_text, metavar=field.name.upper()
+            )
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, tuple):
+        return " ".join(str(item) for item in value) or "none"
+    if value == "":
+        return "required"
+    return str(value)
+
+
+def read_params_section(params_path: str | Path, section: str) -> dict[str, Any]:
+    """Read one section of a params.yaml file; a missing file or section is a UserError."""
+    path = Path(params_path)
+    if not path.is_file():
+        raise UserError(f"params file {path} does not exist")
+    with path.open(encoding="utf-8") as handle:
+        params = yaml.safe_load(handle) or {}
+    if section not in params:
+        raise UserError(
+            f"{path} has no section '{section}'; sections present: {', '.join(sorted(params))}"
+        )
+    return dict(params[section] or {})
+
+
+def build_config(config_cls: type[Config], values: Mapping[str, Any], origin: str) -> Config:
+    """Make a config from defaults updated by `values`, checking keys and types.
+
+    Args:
+        config_cls: the stage's frozen dataclass.
+        values: overrides keyed by field name.
+        origin: where the values came from, for error messages.
+
+    Raises:
+        UserError: an unknown key, or a value of the wrong type.
+    """
+    types_by_name = _field_types(config_cls)
+    unknown = sorted(set(values) - set(types_by_name))
+    if unknown:
+        raise UserError(
+            f"{origin}: unknown key(s) {', '.join(unknown)}; "
+            f"valid keys are {', '.join(sorted(types_by_name))}"
+        )
+    coerced = {
+        name: _coerce(value, types_by_name[name], f"{origin}: {name}")
+        for name, value in values.items()
+    }
+    return config_cls(**coerced)
+
+
+def _coerce(value: Any, field_type: Any, where: str) -> Any:
+    if _is_tuple(field_type):
+        items = value if isinstance(value, list | tuple) else [value]
+        return tuple(_coerce(item, _element_type(field_type), where) for item in items)
+    if isinstance(field_type, types.UnionType) or typing.get_origin(field_type) is typing.Union:
+        raise TypeError(f"{where}: config fields must have one concrete type")
+    if field_type is bool:
+        if isinstance(value, bool):
+            return value
+        try:
+            return parse_bool(value)
+        except argparse.ArgumentTypeError as error:
+            raise UserError(f"{where}: {error}") from None
+    if field_type is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if field_type is str and isinstance(value, str | int | float) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, field_type) and not isinstance(value, bool):
+        return value
+    raise UserError(f"{where}: expected {field_type.__name__}, got {value!r}")
+
+
+def resolve_config(config_cls: type[Config], args: argparse.Namespace) -> Config:
+    """Apply the precedence defaults < params.yaml section < flags to `config_cls`."""
+    values: dict[str, Any] = {}
+    origin = "command line"
+    if args.params:
+        values.update(read_params_section(args.params, args.section))
+        origin = f"{args.params} [{args.section}] or command line"
+    for field in dataclasses.fields(config_cls):
+        flag_value = getattr(args, field.name, None)
+        if flag_value is not None:
+            values[field.name] = flag_value
+    return build_config(config_cls, values, origin)
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """The config as plain YAML/JSON-friendly data (tuples become lists)."""
+    return {
+        key: list(value) if isinstance(value, tuple) else value
+        for key, value in dataclasses.asdict(config).items()
+    }
+
+
+def save_config(config: Any, path: str | Path) -> None:
+    """Write the resolved config as YAML beside a stage's output."""
+    Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False), "utf-8")
+
+
+def require_paths(config: Any, *names: str) -> None:
+    """Raise a UserError naming each path setting that was left empty."""
+    missing = [_flag_name(name) for name in names if not getattr(config, name)]
+    if missing:
+        raise UserError(f"missing required option(s): {', '.join(missing)}")
