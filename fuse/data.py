@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +85,33 @@ def load_fusion_data(
         labels=torch.tensor(table["label"].map(class_index).to_numpy(), dtype=torch.long),
         report_groups=torch.from_numpy(report_groups.astype(np.int64)),
         provenance={"image": image_features.provenance, "text": text_features.provenance},
+    )
+
+
+def standardise(data: FusionData) -> tuple[FusionData, dict[str, dict[str, torch.Tensor]]]:
+    """Z-score each feature with the train split's mean and SD.
+
+    Frozen-encoder vectors share a large common offset (and LLMs have a few huge
+    dimensions); after a linear projection and L2-normalisation that offset drowns the
+    differences between items, and at the paper's learning rate the projector's bias
+    takes most of training to remove it.
+
+    Returns:
+        The standardised data and the statistics, which a saved head must keep.
+    """
+    train = data.rows("train")
+    statistics = {}
+    for modality in ("image", "text"):
+        vectors = getattr(data, modality)
+        mean, sd = vectors[train].mean(dim=0), vectors[train].std(dim=0).clamp(min=1e-6)
+        statistics[modality] = {"mean": mean, "sd": sd}
+    return (
+        dataclasses.replace(
+            data,
+            image=(data.image - statistics["image"]["mean"]) / statistics["image"]["sd"],
+            text=(data.text - statistics["text"]["mean"]) / statistics["text"]["sd"],
+        ),
+        statistics,
     )
 
 

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from fuse.data import FusionData, expected_provenance, load_fusion_data
+from fuse.data import FusionData, expected_provenance, load_fusion_data, standardise
 from fuse.model import MODALITY_SETS
 from fuse.report import write_metrics, write_roc
 from fuse.train import HeadSettings, TrainedHead, predict_proba, train_head
@@ -45,6 +45,9 @@ class FuseConfig(HeadSettings):
         "heads to train: fusion (image+report, the paper's M4), image (M1), report (M2)",
     )
     seed: int = setting(0, "seed of weight initialisation and batch order")
+    standardise: bool = setting(
+        True, "z-score every feature with the train split's mean and SD before the projectors"
+    )
 
 
 def _check_splits(data: FusionData, classes: tuple[str, ...]) -> None:
@@ -58,7 +61,13 @@ def _check_splits(data: FusionData, classes: tuple[str, ...]) -> None:
             )
 
 
-def _save_head(path: Path, trained: TrainedHead, config: FuseConfig, data: FusionData) -> None:
+def _save_head(
+    path: Path,
+    trained: TrainedHead,
+    config: FuseConfig,
+    data: FusionData,
+    statistics: dict[str, dict[str, torch.Tensor]] | None,
+) -> None:
     torch.save(
         {
             "variant": trained.model.variant,
@@ -68,6 +77,7 @@ def _save_head(path: Path, trained: TrainedHead, config: FuseConfig, data: Fusio
             "history": trained.history,
             "feature_provenance": data.provenance,
             "widths": {"image": data.image.shape[1], "text": data.text.shape[1]},
+            "standardisation": statistics,  # apply to new features before the head
         },
         path,
     )
@@ -96,6 +106,9 @@ def run(config: FuseConfig) -> dict[str, Any]:
         split_seed=config.split_seed,
     )
     _check_splits(data, config.classes)
+    statistics = None
+    if config.standardise:
+        data, statistics = standardise(data)
     models = Path(config.models)
     models.mkdir(parents=True, exist_ok=True)
     save_config(config, models / "fuse_config.yaml")
@@ -103,7 +116,7 @@ def run(config: FuseConfig) -> dict[str, Any]:
     curves: dict[str, dict[str, tuple]] = {}
     for variant in tqdm(config.variants, desc="training heads", unit="head"):
         trained = train_head(data, variant, config, config.seed, len(config.classes))
-        _save_head(models / f"head_{variant}.pt", trained, config, data)
+        _save_head(models / f"head_{variant}.pt", trained, config, data, statistics)
         metrics[variant] = {"best_epoch": trained.best_epoch}
         for split in EVALUATED_SPLITS:
             rows = data.rows(split)

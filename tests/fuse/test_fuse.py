@@ -119,3 +119,18 @@ def test_cli_trains_and_reports_user_errors(synthetic_cache, tmp_path):
     assert wrong.returncode == 2
     assert wrong.stderr.startswith("error: ") and "Traceback" not in wrong.stderr
     assert "encoder is 'llama3' in the file but this run asks for 'qwen'" in wrong.stderr
+
+
+def test_heads_keep_the_train_statistics_they_were_standardised_with(synthetic_cache, tmp_path):
+    run(config_for(synthetic_cache, tmp_path, variants=("fusion",), epochs=1))
+    head = torch.load(tmp_path / "models" / "head_fusion.pt", weights_only=False)
+    image_statistics = head["standardisation"]["image"]
+    assert image_statistics["mean"].shape == image_statistics["sd"].shape == (12,)
+    assert (image_statistics["sd"] > 0).all()
+    run(
+        config_for(
+            synthetic_cache, tmp_path / "raw", variants=("fusion",), epochs=1, standardise=False
+        )
+    )
+    raw = torch.load(tmp_path / "raw" / "models" / "head_fusion.pt", weights_only=False)
+    assert raw["standardisation"] is None
