@@ -93,11 +93,12 @@ def test_another_seed_gives_another_data_set(tmp_path):
 def test_each_modality_is_informative_but_imperfect():
     patients = plan_site(INTERNAL_SITE, 2000, images_per_report=14, seed=0)
     labels = np.array([patient.label == "GC" for patient in patients])
-    # What the images draw, and what only the report words, separate the classes well but
-    # not perfectly (see the latent constants in pipeline/demo/patients.py).
+    # What the images draw separates the classes almost fully (views, rendering and the
+    # tiny encoder lose most of it); what only the report words is a weaker, imperfect
+    # signal (see the latent constants in pipeline/demo/patients.py).
     drawn = roc_auc(labels, np.array([patient.lesion.severity for patient in patients]))
     worded = roc_auc(labels, np.array([patient.mobility + patient.extent for patient in patients]))
-    assert 0.8 < drawn < 0.97 and 0.75 < worded < 0.95
+    assert 0.95 < drawn < 1.0 and 0.65 < worded < 0.8
 
 
 def run_cli(*flags: str) -> subprocess.CompletedProcess:
