@@ -13,6 +13,7 @@ from pathlib import Path
 KEY_SCHEMES = {
     "image": "sha256 of the image file's bytes",
     "text": "sha256 of the UTF-8 report after Unicode NFC and stripping outer whitespace",
+    "pair": "sha256 of '<image key>:<report key>'",
 }
 _CHUNK_BYTES = 1 << 20
 
@@ -34,3 +35,8 @@ def normalise_text(text: str) -> str:
 def text_key(text: str) -> str:
     """The key of a report: a hash of its normalised text."""
     return hashlib.sha256(normalise_text(text).encode("utf-8")).hexdigest()
+
+
+def pair_key(image_content_key: str, report_content_key: str) -> str:
+    """The key of an image-report pair (for pair encoders such as ViLT): a hash of both keys."""
+    return hashlib.sha256(f"{image_content_key}:{report_content_key}".encode()).hexdigest()
