@@ -1,28 +1,63 @@
-"""`python -m fuse`: train VLMF-Net heads on cached features and evaluate them."""
+"""`python -m fuse protocol | report`: train heads on cached features, then report on them."""
 
-from fuse.run import FuseConfig, run
+import sys
+
+from fuse import protocol, report
 from pipeline.cli import stage_main
 
-DESCRIPTION = """\
-Train the VLMF-Net head (image projector -> 512, report projector -> 2048, L2-normalise,
-concatenate, MLP classifier; loss = cross-entropy + 0.1 x NT-Xent) on cached encoder
-features, with image-only and report-only ablations, model selection on the validation
-split, and metrics on the test and external sets. Needs the manifest and the two feature
+PROTOCOL_DESCRIPTION = """\
+Run the paper's evaluation on cached encoder features: for every model (M4 = VLMF-Net:
+image projector -> 512, report projector -> 2048, L2-normalise, concatenate, MLP, loss =
+cross-entropy + 0.1 x NT-Xent; ablations M1-M3; frozen-feature baselines) and every trial
+(or fold), train a head and a logistic-regression probe on the training patients, select
+on the validation patients, and predict every pair. Writes predictions.parquet (one row per
+pair, model, head, trial, fold), runs.json (settings, seeds, learning rates, kept epochs,
+thresholds, data identity) and training_curves.csv. Needs the manifest and the feature
 files, not the images or the encoders. Settings: defaults < --params section < flags."""
 
-EXAMPLES = """\
-  python -m fuse --manifest data/demo/manifest.csv \\
-      --image-features features/image.h5 --text-features features/text.h5 \\
-      --metrics reports/metrics.json --plots reports --models models
-  python -m fuse --params params.yaml --manifest ... --variants fusion --epochs 20 --seed 3
+PROTOCOL_EXAMPLES = """\
+  python -m fuse protocol --manifest data/demo/manifest.csv \\
+      --features features/*.h5 --out reports/protocol --heads models
+  python -m fuse protocol --params params.yaml --manifest ... --features ... --out ... \\
+      --models M4 M1 M2 --trials 3 --split kfold --folds 5 --learning-rates 1e-5 1e-4 1e-3
 """
 
-if __name__ == "__main__":
+REPORT_DESCRIPTION = """\
+Make the paper's tables (mean (SD) over trials, patient-bootstrap 95% CIs, DeLong and
+paired-trial p-values against M4), ROC plots of every model per set and training curves
+from a protocol's predictions table. Trains nothing."""
+
+REPORT_EXAMPLES = """\
+  python -m fuse report --protocol reports/protocol --out reports
+"""
+
+COMMANDS = {
+    "protocol": (protocol.ProtocolConfig, protocol.run, PROTOCOL_DESCRIPTION, PROTOCOL_EXAMPLES),
+    "report": (report.ReportConfig, report.run, REPORT_DESCRIPTION, REPORT_EXAMPLES),
+}
+
+
+def main(argv: list[str]) -> None:
+    """Dispatch to a subcommand; without one, say which exist."""
+    if not argv or argv[0] not in COMMANDS:
+        print(
+            "usage: python -m fuse {protocol,report} [--help] ...\n"
+            "  protocol  train every model and trial on cached features -> predictions table\n"
+            "  report    tables, ROC plots and training curves from that table",
+            file=sys.stderr,
+        )
+        raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
+    config_cls, run, description, examples = COMMANDS[argv[0]]
     stage_main(
-        FuseConfig,
+        config_cls,
         run,
-        prog="python -m fuse",
-        section="fuse",
-        description=DESCRIPTION,
-        examples=EXAMPLES,
+        prog=f"python -m fuse {argv[0]}",
+        section=f"fuse_{argv[0]}" if argv[0] == "report" else "fuse",
+        description=description,
+        examples=examples,
+        argv=argv[1:],
     )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,9 +1,13 @@
-"""Cached features and the manifest, joined once into in-memory tensors."""
+"""Cached features and the manifest, joined once into row-aligned tensors.
+
+Each feature file holds one encoder's vectors of unique items (images, reports, or
+image-report pairs), keyed by content. Here every file a run needs is read once and
+expanded to one row per manifest pair, so training indexes rows and never looks up keys.
+"""
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,109 +16,137 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cache.store import FeatureSet, check_provenance, read_features
+from cache.store import read_features, read_provenance
 from pipeline.errors import UserError
-from pipeline.keys import text_key
+from pipeline.keys import pair_key, text_key
 from pipeline.manifest import load_manifest
-from pipeline.splits import assign_splits
+
+FeatureId = tuple[str, str]  # (encoder, modality) as recorded in a file's provenance
+MODALITIES = ("image", "text", "pair")
 
 
 @dataclass(frozen=True)
-class FusionData:
-    """One row per image-report pair, every tensor aligned with `table`."""
+class CachedRows:
+    """One row per image-report pair; every tensor is aligned with `table`."""
 
-    table: pd.DataFrame  # the manifest with its final `split`
-    image: torch.Tensor  # [N, image width] float32
-    text: torch.Tensor  # [N, text width] float32
+    table: pd.DataFrame  # the validated manifest, index 0..N-1
     labels: torch.Tensor  # [N] class indices
-    report_groups: torch.Tensor  # [N] rows with equal values share one report
-    provenance: Mapping[str, Mapping[str, Any]]  # "image" and "text" feature provenance
+    report_groups: torch.Tensor  # [N]; rows with equal values share one report
+    features: Mapping[FeatureId, torch.Tensor]  # [N, width] float32 per encoder and modality
+    provenance: Mapping[FeatureId, Mapping[str, Any]]
+    paths: Mapping[FeatureId, str]  # the file each feature came from
 
-    def rows(self, split: str) -> torch.Tensor:
-        """Indices of the rows in `split`."""
-        return torch.from_numpy(np.flatnonzero(self.table["split"].to_numpy() == split))
-
-
-def _vectors_for(features: FeatureSet, keys: list[str], path: str) -> torch.Tensor:
-    rows = features.rows_of(keys, f"{path} against the manifest")
-    return torch.from_numpy(np.ascontiguousarray(features.vectors[rows], dtype=np.float32))
+    def patients(self, rows: torch.Tensor) -> set[str]:
+        """The patients of `rows`."""
+        return set(self.table["patient_id"].to_numpy()[rows.numpy()])
 
 
-def load_fusion_data(
-    manifest_path: str | Path,
-    image_features_path: str | Path,
-    text_features_path: str | Path,
-    *,
-    classes: Sequence[str],
-    image_expected: Mapping[str, str],
-    text_expected: Mapping[str, str],
-    split_fractions: Sequence[float],
-    split_seed: int,
-) -> FusionData:
-    """Validate the manifest, check both feature files' provenance and align their vectors.
-
-    Images are looked up through the image file's path-to-key table, so this needs the
-    manifest and the two feature files but not the images themselves.
+def index_feature_files(paths: Iterable[str | Path]) -> dict[FeatureId, str]:
+    """Map (encoder, modality) to the file holding it, reading provenance only.
 
     Raises:
-        UserError: a bad manifest, a feature file that does not match the run, or a pair
-            whose image or report has no vector.
+        UserError: two files holding the same encoder and modality.
     """
-    table = load_manifest(manifest_path, classes, check_images=False)
-    table["split"] = assign_splits(table, split_fractions, split_seed)
-    image_features = read_features(image_features_path)
-    text_features = read_features(text_features_path)
-    check_provenance(image_features_path, image_features.provenance, image_expected)
-    check_provenance(text_features_path, text_features.provenance, text_expected)
+    index: dict[FeatureId, str] = {}
+    for path in paths:
+        provenance = read_provenance(path)
+        feature = (str(provenance.get("encoder")), str(provenance.get("modality")))
+        if feature in index:
+            raise UserError(
+                f"{index[feature]} and {path} both hold {feature[1]} features of encoder "
+                f"{feature[0]}; pass one of them"
+            )
+        index[feature] = str(path)
+    return index
 
-    image_paths = table["image_path"].tolist()
-    unknown_paths = [path for path in image_paths if path not in image_features.sources]
-    if unknown_paths:
-        raise UserError(
-            f"{image_features_path} has no vector for {len(unknown_paths)} image(s) of "
-            f"{manifest_path}, e.g. {unknown_paths[0]}; re-run image extraction on this manifest"
-        )
-    image_keys = [image_features.sources[path] for path in image_paths]
+
+def _row_keys(table: pd.DataFrame, modality: str, sources: Mapping[str, str], path: str) -> list:
     report_keys = table["report_text"].map(text_key).tolist()
-    report_groups, _ = pd.factorize(pd.Series(report_keys))
-    class_index = {name: index for index, name in enumerate(classes)}
-    return FusionData(
-        table=table.reset_index(drop=True),
-        image=_vectors_for(image_features, image_keys, str(image_features_path)),
-        text=_vectors_for(text_features, report_keys, str(text_features_path)),
+    if modality == "text":
+        return report_keys
+    image_paths = table["image_path"].tolist()
+    unknown = sorted({image for image in image_paths if image not in sources})
+    if unknown:
+        raise UserError(
+            f"{path} has no vector for {len(unknown)} image(s) of the manifest, e.g. "
+            f"{unknown[0]}; re-run extraction on this manifest"
+        )
+    image_keys = [sources[image] for image in image_paths]
+    if modality == "image":
+        return image_keys
+    return [pair_key(image, report) for image, report in zip(image_keys, report_keys, strict=True)]
+
+
+def _row_vectors(table: pd.DataFrame, feature: FeatureId, path: str) -> tuple[torch.Tensor, dict]:
+    stored = read_features(path)
+    modality = feature[1]
+    if modality not in MODALITIES:
+        raise UserError(f"{path}: modality {modality!r} is not one of {MODALITIES}")
+    keys = _row_keys(table, modality, stored.sources, path)
+    rows = stored.rows_of(keys, f"{path} against the manifest")
+    vectors = np.ascontiguousarray(stored.vectors[rows], dtype=np.float32)
+    if not np.isfinite(vectors).all():
+        bad = int((~np.isfinite(vectors)).any(axis=1).sum())
+        raise UserError(f"{path}: {bad} row(s) hold NaN or infinite values; re-run extraction")
+    return torch.from_numpy(vectors), dict(stored.provenance)
+
+
+def load_cached_rows(
+    manifest_path: str | Path,
+    feature_paths: Sequence[str | Path],
+    needed: Iterable[FeatureId],
+    classes: Sequence[str],
+) -> CachedRows:
+    """Validate the manifest and align the vectors of every needed feature with its rows.
+
+    Images are looked up through each image file's path-to-key table, so this needs the
+    manifest and the feature files, not the images.
+
+    Raises:
+        UserError: a bad manifest, a needed feature in none of the files, or a pair whose
+            image or report has no vector.
+    """
+    table = load_manifest(manifest_path, classes, check_images=False).reset_index(drop=True)
+    index = index_feature_files(feature_paths)
+    features, provenance = {}, {}
+    for feature in dict.fromkeys(needed):
+        if feature not in index:
+            held = ", ".join(f"{encoder} ({modality})" for encoder, modality in index) or "none"
+            raise UserError(
+                f"no feature file holds {feature[1]} features of encoder {feature[0]} "
+                f"(the files given hold: {held}); extract them with `python -m extract "
+                f"--model {feature[0]} ...` or leave out the models that need them"
+            )
+        features[feature], provenance[feature] = _row_vectors(table, feature, index[feature])
+    report_groups, _ = pd.factorize(table["report_text"].map(text_key))
+    class_index = {name: position for position, name in enumerate(classes)}
+    return CachedRows(
+        table=table,
         labels=torch.tensor(table["label"].map(class_index).to_numpy(), dtype=torch.long),
         report_groups=torch.from_numpy(report_groups.astype(np.int64)),
-        provenance={"image": image_features.provenance, "text": text_features.provenance},
+        features=features,
+        provenance=provenance,
+        paths={feature: index[feature] for feature in features},
     )
 
 
-def standardise(data: FusionData) -> tuple[FusionData, dict[str, dict[str, torch.Tensor]]]:
-    """Z-score each feature with the train split's mean and SD.
+def standardise(
+    inputs: Sequence[torch.Tensor], train_rows: torch.Tensor
+) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """Z-score each input with the mean and SD of the training rows only.
 
     Frozen-encoder vectors share a large common offset (and LLMs have a few huge
     dimensions); after a linear projection and L2-normalisation that offset drowns the
-    differences between items, and at the paper's learning rate the projector's bias
-    takes most of training to remove it.
+    differences between items. Statistics come from `train_rows` alone, so nothing about
+    validation, test or external rows leaks into training.
 
     Returns:
-        The standardised data and the statistics, which a saved head must keep.
+        The standardised inputs and, per input, the statistics a saved head must keep.
     """
-    train = data.rows("train")
-    statistics = {}
-    for modality in ("image", "text"):
-        vectors = getattr(data, modality)
-        mean, sd = vectors[train].mean(dim=0), vectors[train].std(dim=0).clamp(min=1e-6)
-        statistics[modality] = {"mean": mean, "sd": sd}
-    return (
-        dataclasses.replace(
-            data,
-            image=(data.image - statistics["image"]["mean"]) / statistics["image"]["sd"],
-            text=(data.text - statistics["text"]["mean"]) / statistics["text"]["sd"],
-        ),
-        statistics,
-    )
-
-
-def expected_provenance(encoder: str, modality: str, pooling: str) -> dict[str, str]:
-    """The provenance entries a fusion run requires of one feature file."""
-    return {"encoder": encoder, "modality": modality, "pooling": pooling}
+    standardised, statistics = [], []
+    for vectors in inputs:
+        train = vectors[train_rows]
+        mean, sd = train.mean(dim=0), train.std(dim=0).clamp(min=1e-6)
+        standardised.append((vectors - mean) / sd)
+        statistics.append({"mean": mean, "sd": sd})
+    return standardised, statistics

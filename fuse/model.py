@@ -1,79 +1,105 @@
-"""The VLMF-Net head: projectors, L2-normalisation, concatenation and an MLP classifier."""
+"""Classifier heads on frozen-encoder vectors: VLMF-Net's, and a plain MLP for baselines."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-MODALITY_SETS = {
-    "fusion": ("image", "text"),  # M4: image + report
-    "image": ("image",),  # M1: image only
-    "report": ("text",),  # M2: report only
-}
+
+class Dense(nn.Module):
+    """A fully connected layer, y = x @ weight + bias, with `weight` stored [in, out].
+
+    The same function and initialisation as nn.Linear (uniform within 1/sqrt(in)); only
+    the layout differs: under CPU bfloat16 autocast, nn.Linear's [out, in] weight makes its
+    gradient come back transposed, and converting that to float32 costs more than the
+    layer's matrix products; stored [in, out], the gradient is contiguous.
+    """
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        bound = 1.0 / math.sqrt(in_features)
+        self.weight = nn.Parameter(torch.empty(in_features, out_features).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(out_features).uniform_(-bound, bound))
+        self.out_features = out_features
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """inputs [N, in] -> [N, out]."""
+        return torch.addmm(self.bias, inputs, self.weight)
 
 
-class VLMFHead(nn.Module):
-    """Trainable part of VLMF-Net on top of frozen-encoder vectors.
+class FusionHead(nn.Module):
+    """Inputs -> (optional projector + L2-normalisation each) -> concatenation -> MLP.
 
-    Each used modality is projected (image -> image_projection, text -> text_projection),
-    L2-normalised and concatenated; an MLP with ReLU and dropout gives class logits.
-    With both modalities, small heads map the two projections to one shared width for
-    the contrastive loss (the projections' widths differ, 512 vs 2048).
+    With projections this is VLMF-Net's head: the vision projector f_vp (-> 512) and the
+    text projector f_tp (-> 2048), each output L2-normalised, concatenated, and an MLP
+    with ReLU and dropout. With exactly two projected inputs, two small linear maps take
+    the projections to one shared width for the NT-Xent loss (the projections' widths
+    differ). Without projections the inputs go straight into the MLP: the frozen-feature
+    head used for baselines.
+
+    Args:
+        input_widths: width of each input, in the order `forward` receives them.
+        projections: output width of each input's projector; empty for no projectors.
+        hidden_widths: the MLP's hidden widths.
+        dropout: dropout probability after each hidden layer.
+        num_classes: output logits.
+        contrastive_width: shared width for NT-Xent; 0 for no contrastive embeddings.
     """
 
     def __init__(
         self,
         *,
-        variant: str,
-        image_width: int,
-        text_width: int,
-        image_projection: int,
-        text_projection: int,
+        input_widths: Mapping[str, int],
+        projections: Mapping[str, int],
         hidden_widths: Sequence[int],
         dropout: float,
         num_classes: int,
         contrastive_width: int,
     ) -> None:
         super().__init__()
-        if variant not in MODALITY_SETS:
-            raise ValueError(f"unknown variant {variant!r}; choose from {sorted(MODALITY_SETS)}")
-        self.variant = variant
-        self.modalities = MODALITY_SETS[variant]
-        self.image_projector = (
-            nn.Linear(image_width, image_projection) if "image" in self.modalities else None
+        self.input_names = tuple(input_widths)
+        self.projectors = nn.ModuleDict(
+            {name: Dense(input_widths[name], projections[name]) for name in projections}
         )
-        self.text_projector = (
-            nn.Linear(text_width, text_projection) if "text" in self.modalities else None
-        )
-        fused_width = (image_projection if self.image_projector else 0) + (
-            text_projection if self.text_projector else 0
+        if self.projectors and set(self.projectors) != set(self.input_names):
+            raise ValueError(f"projections {sorted(projections)} must cover {self.input_names}")
+        fused_width = sum(
+            projections[name] if self.projectors else input_widths[name]
+            for name in self.input_names
         )
         layers: list[nn.Module] = []
         for width in hidden_widths:
-            layers += [nn.Linear(fused_width, width), nn.ReLU(), nn.Dropout(dropout)]
+            layers += [Dense(fused_width, width), nn.ReLU(), nn.Dropout(dropout)]
             fused_width = width
-        layers.append(nn.Linear(fused_width, num_classes))
+        layers.append(Dense(fused_width, num_classes))
         self.classifier = nn.Sequential(*layers)
-        both = len(self.modalities) == 2
-        self.image_contrastive = nn.Linear(image_projection, contrastive_width) if both else None
-        self.text_contrastive = nn.Linear(text_projection, contrastive_width) if both else None
+        contrastive = contrastive_width > 0 and len(self.projectors) == 2
+        self.contrastive = nn.ModuleDict(
+            {
+                name: Dense(projections[name], contrastive_width)
+                for name in (self.input_names if contrastive else ())
+            }
+        )
 
     def forward(
-        self, image: torch.Tensor, text: torch.Tensor
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
-        """Class logits, and the two contrastive embeddings when both modalities are used."""
-        parts = []
-        image_z = text_z = None
-        if self.image_projector is not None:
-            image_z = F.normalize(self.image_projector(image), dim=-1)
-            parts.append(image_z)
-        if self.text_projector is not None:
-            text_z = F.normalize(self.text_projector(text), dim=-1)
-            parts.append(text_z)
-        logits = self.classifier(torch.cat(parts, dim=-1))
-        if self.image_contrastive is None:
+        self, inputs: Sequence[torch.Tensor]
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """Class logits, and the contrastive embeddings of the two inputs when there are any."""
+        if not self.projectors:
+            return self.classifier(torch.cat(list(inputs), dim=-1)), None
+        projected = [
+            F.normalize(self.projectors[name](vectors), dim=-1)
+            for name, vectors in zip(self.input_names, inputs, strict=True)
+        ]
+        logits = self.classifier(torch.cat(projected, dim=-1))
+        if not self.contrastive:
             return logits, None
-        return logits, (self.image_contrastive(image_z), self.text_contrastive(text_z))
+        embeddings = tuple(
+            self.contrastive[name](vectors)
+            for name, vectors in zip(self.input_names, projected, strict=True)
+        )
+        return logits, embeddings
