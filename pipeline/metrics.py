@@ -7,55 +7,154 @@ from collections.abc import Sequence
 import numpy as np
 from sklearn import metrics as sk
 
+from pipeline.stats import midranks
+
+DEFAULT_THRESHOLD = 0.5  # the cut that matches argmax for two classes
+
 
 def classification_metrics(
-    labels: np.ndarray, probabilities: np.ndarray, classes: Sequence[str]
+    labels: np.ndarray,
+    probabilities: np.ndarray,
+    classes: Sequence[str],
+    threshold: float = DEFAULT_THRESHOLD,
 ) -> dict[str, float]:
-    """Accuracy, macro precision/recall/F1, AUC and recall per class for a binary task.
+    """Accuracy, macro precision/recall/F1, AUC and recall per class of a classifier.
+
+    Two classes: a case is predicted positive (the last class) when its positive probability
+    is >= `threshold`. More classes: the most probable class. The values equal
+    scikit-learn's (macro average over all classes, 0 where a ratio is 0/0) but come from
+    one confusion matrix, cheap enough to call inside a bootstrap.
 
     Args:
         labels: true class indices, shape [N].
         probabilities: predicted probability of each class, shape [N, len(classes)].
-        classes: class names in index order; the last one is the positive class for AUC.
+        classes: class names in index order; the last one is the positive class.
+        threshold: cut on the positive probability, e.g. from `choose_threshold` on the
+            validation split; only two-class tasks accept a value other than 0.5.
 
     Returns:
-        A flat dict of floats; AUC is NaN when the labels hold only one class.
+        A flat dict of floats: n, accuracy, precision, recall, f1 (macro), auc (of the last
+        class against the rest; NaN when the labels hold only one of the two), recall_<class>
+        per class, and for two classes sensitivity and specificity (the recall of the
+        positive and the negative class).
+
+    Raises:
+        ValueError: a label that is not a class index, or a threshold other than 0.5 with
+            more than two classes.
     """
     labels = np.asarray(labels)
     probabilities = np.asarray(probabilities)
-    predictions = probabilities.argmax(axis=1)
-    class_indices = list(range(len(classes)))
+    n_classes = len(classes)
+    if len(labels) and (
+        not np.array_equal(labels, labels.astype(int))
+        or labels.min() < 0
+        or labels.max() >= n_classes
+    ):
+        raise ValueError(
+            f"labels must be class indices 0..{n_classes - 1} of {list(classes)}; "
+            f"found values {np.unique(labels)[:10]}"
+        )
+    labels = labels.astype(int)
+    binary = n_classes == 2
+    if binary:
+        predictions = (probabilities[:, -1] >= threshold).astype(int)
+    elif threshold != DEFAULT_THRESHOLD:
+        raise ValueError(
+            f"a threshold applies to two classes; got threshold={threshold} with "
+            f"{n_classes} classes {list(classes)}, which are predicted by argmax"
+        )
+    else:
+        predictions = probabilities.argmax(axis=1)
+    # confusion[true, predicted]
+    confusion = np.bincount(
+        labels * n_classes + predictions, minlength=n_classes * n_classes
+    ).reshape(n_classes, n_classes)
+    correct = np.diag(confusion)
+    recall = _ratio(correct, confusion.sum(axis=1))
+    precision = _ratio(correct, confusion.sum(axis=0))
+    f1 = _ratio(2 * correct, confusion.sum(axis=1) + confusion.sum(axis=0))
     result = {
         "n": float(len(labels)),
-        "accuracy": float(sk.accuracy_score(labels, predictions)),
-        "precision": float(
-            sk.precision_score(
-                labels, predictions, labels=class_indices, average="macro", zero_division=0
-            )
-        ),
-        "recall": float(
-            sk.recall_score(
-                labels, predictions, labels=class_indices, average="macro", zero_division=0
-            )
-        ),
-        "f1": float(
-            sk.f1_score(labels, predictions, labels=class_indices, average="macro", zero_division=0)
-        ),
-        "auc": roc_auc(labels, probabilities[:, -1]),
+        "accuracy": float(correct.sum() / len(labels)),
+        "precision": float(precision.mean()),
+        "recall": float(recall.mean()),
+        "f1": float(f1.mean()),
+        # the last class against the rest, which for two classes is the usual AUC
+        "auc": roc_auc(labels == n_classes - 1, probabilities[:, -1]),
     }
-    per_class_recall = sk.recall_score(
-        labels, predictions, labels=class_indices, average=None, zero_division=0
-    )
-    for name, recall in zip(classes, per_class_recall, strict=True):
-        result[f"recall_{name}"] = float(recall)
+    for name, class_recall in zip(classes, recall, strict=True):
+        result[f"recall_{name}"] = float(class_recall)
+    if binary:
+        result["sensitivity"] = float(recall[1])
+        result["specificity"] = float(recall[0])
     return result
 
 
+def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    """numerator / denominator, 0 where the denominator is 0 (scikit-learn's zero_division=0)."""
+    return np.divide(numerator, denominator, out=np.zeros(len(numerator)), where=denominator > 0)
+
+
+def choose_threshold(labels: np.ndarray, positive_scores: np.ndarray) -> float:
+    """The cut on the positive score that maximises Youden's J on these (validation) cases.
+
+    J = sensitivity + specificity - 1, tried at every threshold of the ROC curve. Among equal
+    J the threshold closest to 0.5 wins (and of two equally close, the higher one), so a
+    flat optimum does not drift away from the untuned cut.
+
+    Args:
+        labels: true class of each case, two values; the larger one is the positive class.
+        positive_scores: score of the positive class, shape [N].
+
+    Returns:
+        A finite threshold, one of the scores; 0.5 when only one class is present.
+    """
+    labels = np.asarray(labels)
+    present = np.unique(labels)
+    if len(present) < 2:
+        return DEFAULT_THRESHOLD
+    # Keep every threshold: dropping collinear points could drop a tie closer to 0.5.
+    false_positive_rate, true_positive_rate, thresholds = sk.roc_curve(
+        labels, positive_scores, pos_label=present[-1], drop_intermediate=False
+    )
+    # The first threshold is +inf (nothing positive, J = 0); J = 0 is also reached at the
+    # lowest score (everything positive), so leaving it out loses no optimum.
+    finite = np.isfinite(thresholds)
+    youden = (true_positive_rate - false_positive_rate)[finite]
+    thresholds = thresholds[finite]
+    # Distinct J values differ by at least 1/(positives * negatives); the tolerance only
+    # absorbs rounding.
+    best = np.flatnonzero(youden >= youden.max() - 1e-9)
+    # thresholds decrease along the curve, so argmin's first match is the higher of two
+    # equally close ones
+    closest = best[np.argmin(np.abs(thresholds[best] - DEFAULT_THRESHOLD))]
+    return float(thresholds[closest])
+
+
 def roc_auc(labels: np.ndarray, positive_scores: np.ndarray) -> float:
-    """Area under the ROC curve of the positive (last) class; NaN if only one class is present."""
-    if len(np.unique(labels)) < 2:
+    """Area under the ROC curve of the positive (last) class; NaN if only one class is present.
+
+    Computed from midranks (the Mann-Whitney statistic, ties counting half), equal to
+    scikit-learn's roc_auc_score but without its input checks, which dominate the cost when
+    a bootstrap calls it a thousand times.
+
+    Raises:
+        ValueError: more than two classes, or a score that is NaN or infinite.
+    """
+    labels = np.asarray(labels)
+    positive_scores = np.asarray(positive_scores, dtype=float)
+    present = np.unique(labels)
+    if len(present) > 2:
+        raise ValueError(f"roc_auc takes two classes; labels hold {len(present)}: {present}")
+    if not np.isfinite(positive_scores).all():
+        raise ValueError("positive_scores contain NaN or infinity")
+    if len(present) < 2:
         return float("nan")
-    return float(sk.roc_auc_score(labels, positive_scores))
+    is_positive = labels == present[-1]
+    n_positive = int(is_positive.sum())
+    n_negative = len(labels) - n_positive
+    rank_sum = midranks(positive_scores)[is_positive].sum()
+    return float((rank_sum - n_positive * (n_positive + 1) / 2) / (n_positive * n_negative))
 
 
 def roc_points(labels: np.ndarray, positive_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
