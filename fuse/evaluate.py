@@ -25,6 +25,17 @@ EVALUATED_SETS = ("test", "external")
 OPERATING_POINTS = {"0.5": "probability cut at 0.5", "val": "cut chosen on validation (Youden)"}
 REFERENCE_MODEL = "M4"
 CI_METRICS = ("auc", "accuracy", "f1")
+COMPARISON_COLUMNS = (
+    "set",
+    "reference",
+    "model",
+    "patients",
+    "patient_auc_reference",
+    "patient_auc_model",
+    "delong_p",
+    "trials",
+    "paired_t_p",
+)
 
 
 def pooled_rows(
@@ -155,7 +166,7 @@ def comparisons(
     the per-trial AUCs.
     """
     heads = pooled[pooled["head"] == "head"]
-    records = []
+    records: list[dict[str, Any]] = []
     for split in EVALUATED_SETS:
         of_set = heads[heads["split"] == split]
         if reference not in set(of_set["model"]):
@@ -192,7 +203,7 @@ def comparisons(
                     ),
                 }
             )
-    return pd.DataFrame(records)
+    return pd.DataFrame(records, columns=COMPARISON_COLUMNS)
 
 
 def evaluate(

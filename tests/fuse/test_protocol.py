@@ -1,0 +1,217 @@
+"""The protocol end to end on a synthetic cache: predictions table, standardisation, report."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from cache.store import FeatureSet, read_features, write_features
+from fuse import report
+from fuse.data import load_cached_rows, standardise
+from fuse.protocol import PREDICTIONS_FILE, RUNS_FILE, ProtocolConfig, run
+from pipeline.errors import UserError
+from pipeline.splits import plan_trials
+
+REPO = Path(__file__).parents[2]
+FAST = {"epochs": 6, "warmup_epochs": 1, "learning_rate": 1e-3, "trials": 2}
+
+
+def config_for(files, out: Path, **overrides) -> ProtocolConfig:
+    settings = {**FAST, "models": ("M4", "M1", "M2"), **overrides}
+    return ProtocolConfig(
+        manifest=str(files["manifest"]),
+        features=(str(files["image"]), str(files["text"])),
+        out=str(out),
+        **settings,
+    )
+
+
+def test_predictions_table_holds_every_row_model_head_and_trial(synthetic_cache, tmp_path):
+    result = run(config_for(synthetic_cache, tmp_path))
+    table = pd.read_parquet(tmp_path / PREDICTIONS_FILE)
+    manifest = pd.read_csv(synthetic_cache["manifest"])
+    assert len(table) == len(manifest) * 3 * 2 * 2  # models x heads x trials
+    assert {
+        "row",
+        "image_path",
+        "patient_id",
+        "exam_id",
+        "split",
+        "model",
+        "head",
+        "trial",
+        "fold",
+        "label",
+        "prob_VCD",
+        "prob_GC",
+    } <= set(table.columns)
+    np.testing.assert_allclose(table["prob_VCD"] + table["prob_GC"], 1.0, atol=1e-5)
+    runs = json.loads((tmp_path / RUNS_FILE).read_text())
+    assert runs == json.loads(json.dumps(result, default=str))
+    assert len(runs["runs"]) == 3 * 2 * 2 and {r["seed"] for r in runs["runs"]} == {0, 1}
+    assert "frozen-feature" in runs["note"]
+    assert runs["data"]["manifest"]["sha256"]
+    # Separable synthetic features: every head must learn something.
+    test = table[(table["split"] == "test") & (table["head"] == "head")]
+    for model, rows in test.groupby("model"):
+        correct = (rows["prob_GC"] >= 0.5) == (rows["label"] == "GC")
+        assert correct.mean() > 0.75, model
+
+
+@pytest.mark.parametrize("mode", ["redraw", "fixed", "kfold"])
+def test_no_patient_is_in_two_splits_of_any_trial_or_fold(synthetic_cache, tmp_path, mode):
+    run(config_for(synthetic_cache, tmp_path, split=mode, folds=3, models=("M1",), probes=False))
+    table = pd.read_parquet(tmp_path / PREDICTIONS_FILE)
+    per_patient = table.groupby(["trial", "fold", "patient_id"])["split"].nunique()
+    assert (per_patient == 1).all()
+    internal = table[table["split"] != "external"]
+    if mode == "kfold":  # every internal patient is tested exactly once per trial
+        tested = internal[internal["split"] == "test"].groupby(["trial", "patient_id"])["fold"]
+        assert (tested.nunique() == 1).all()
+        assert tested.ngroups == 2 * internal["patient_id"].nunique()
+    splits_of = internal.groupby("trial").apply(lambda t: tuple(t["split"]), include_groups=False)
+    assert (splits_of.iloc[0] == splits_of.iloc[1]) == (mode == "fixed")
+
+
+def test_standardisation_uses_training_rows_only(synthetic_cache):
+    data = load_cached_rows(
+        synthetic_cache["manifest"],
+        [synthetic_cache["image"], synthetic_cache["text"]],
+        [("blip2-qformer", "image")],
+        ("VCD", "GC"),
+    )
+    vectors = data.features[("blip2-qformer", "image")]
+    train = torch.arange(0, 100)
+    (standardised,), (statistics,) = standardise([vectors], train)
+    torch.testing.assert_close(statistics["mean"], vectors[train].mean(dim=0))
+    torch.testing.assert_close(standardised[train].mean(dim=0), torch.zeros(12), atol=1e-5, rtol=0)
+    shifted = vectors.clone()
+    shifted[150:] += 1000.0  # rows outside training must not move the statistics
+    (_,), (shifted_statistics,) = standardise([shifted], train)
+    torch.testing.assert_close(shifted_statistics["mean"], statistics["mean"])
+
+
+def test_test_rows_do_not_change_what_the_heads_learn(synthetic_cache, tmp_path):
+    run(config_for(synthetic_cache, tmp_path / "a", models=("M1",), trials=1))
+    image = read_features(synthetic_cache["image"])
+    table = pd.read_parquet(tmp_path / "a" / PREDICTIONS_FILE)
+    first = table[table["head"] == "head"]
+    held_out = first.loc[first["split"].isin(["test", "external"]), "image_path"]
+    rows = [image.keys.index(image.sources[path]) for path in held_out]
+    vectors = image.vectors.copy()
+    vectors[rows] += 50.0
+    write_features(
+        synthetic_cache["image"],
+        FeatureSet(image.keys, vectors, image.provenance, sources=image.sources),
+    )
+    run(config_for(synthetic_cache, tmp_path / "b", models=("M1",), trials=1))
+    second = pd.read_parquet(tmp_path / "b" / PREDICTIONS_FILE)
+    seen = first["split"].isin(["train", "val"]).to_numpy()
+    for head in ("head", "probe"):
+        a = table[table["head"] == head]["prob_GC"].to_numpy()
+        b = second[second["head"] == head]["prob_GC"].to_numpy()
+        np.testing.assert_allclose(a[seen], b[seen], atol=1e-6)
+        assert not np.allclose(a[~seen], b[~seen])
+
+
+def test_learning_rate_search_picks_on_validation_and_records_it(synthetic_cache, tmp_path):
+    result = run(config_for(synthetic_cache, tmp_path, models=("M2",), learning_rates=(1e-7, 1e-2)))
+    tried = result["learning_rate_search"]["M2"]
+    assert [entry["learning_rate"] for entry in tried] == [1e-7, 1e-2]
+    assert {r["learning_rate"] for r in result["runs"] if r["head"] == "head"} == {1e-2}
+
+
+def test_missing_features_and_other_data_are_refused(synthetic_cache, tmp_path):
+    with pytest.raises(
+        UserError, match="no feature file holds image features of encoder blip2-vit"
+    ):
+        run(config_for(synthetic_cache, tmp_path, models=("M3",)))
+    manifest = pd.read_csv(synthetic_cache["manifest"], dtype=str, keep_default_na=False)
+    manifest.loc[0, "image_path"] = "images/other.png"
+    manifest.to_csv(synthetic_cache["manifest"], index=False)
+    with pytest.raises(UserError, match="no vector for 1 image.*images/other.png"):
+        run(config_for(synthetic_cache, tmp_path))
+
+
+def test_report_tables_plots_and_small_dvc_metrics(synthetic_cache, tmp_path):
+    run(config_for(synthetic_cache, tmp_path / "protocol"))
+    tables = report.run(
+        report.ReportConfig(
+            protocol=str(tmp_path / "protocol"), out=str(tmp_path / "r"), bootstrap_resamples=100
+        )
+    )
+    text = (tmp_path / "r" / "tables.md").read_text()
+    assert "Table 4: ablation, internal test set" in text and "p DeLong vs M4" in text
+    assert "frozen-feature heads" in text
+    for name in ("roc_internal.png", "roc_external.png", "training_curves.png"):
+        assert (tmp_path / "r" / name).stat().st_size > 10_000
+    metrics = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "r" / "metrics").glob("*")}
+    assert set(metrics) == {"M4", "M1", "M2"}
+    assert set(metrics["M4"]) == {"test_auc", "test_accuracy", "external_auc", "external_accuracy"}
+    summary = tables["summary"]
+    m4_auc = summary[
+        (summary["model"] == "M4")
+        & (summary["head"] == "head")
+        & (summary["set"] == "test")
+        & (summary["metric"] == "auc@0.5")
+    ]
+    assert metrics["M4"]["test_auc"] == pytest.approx(float(m4_auc["mean"].iloc[0]))
+    compared = tables["comparisons"]
+    assert set(compared["model"]) == {"M1", "M2"} and compared["delong_p"].between(0, 1).all()
+
+
+def test_cli_runs_both_commands_and_reports_user_errors(synthetic_cache, tmp_path):
+    protocol = [
+        sys.executable,
+        "-m",
+        "fuse",
+        "protocol",
+        "--manifest",
+        str(synthetic_cache["manifest"]),
+        "--features",
+        str(synthetic_cache["image"]),
+        str(synthetic_cache["text"]),
+        "--out",
+        str(tmp_path / "p"),
+        "--models",
+        "M4",
+        "--trials",
+        "1",
+        "--epochs",
+        "2",
+        "--warmup-epochs",
+        "1",
+    ]
+    done = subprocess.run(protocol, cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    made = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fuse",
+            "report",
+            "--protocol",
+            str(tmp_path / "p"),
+            "--out",
+            str(tmp_path / "r"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert made.returncode == 0, made.stderr
+    assert (tmp_path / "r" / "tables.md").is_file()
+    wrong = subprocess.run([*protocol, "--models", "M9"], cwd=REPO, capture_output=True, text=True)
+    assert wrong.returncode == 2 and "Traceback" not in wrong.stderr
+    assert wrong.stderr.startswith("error: models ['M9']")
+
+
+def test_plan_trials_kfold_needs_enough_patients(synthetic_cache):
+    table = pd.read_csv(synthetic_cache["manifest"], dtype=str, keep_default_na=False)
+    with pytest.raises(UserError, match="at least 40 patients of each label"):
+        plan_trials(table, "kfold", 1, folds=40)

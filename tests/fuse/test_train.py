@@ -1,0 +1,122 @@
+"""Training: selection restores the kept epoch, the schedule, the contrastive term's wiring."""
+
+import math
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from fuse.losses import nt_xent
+from fuse.model import FusionHead
+from fuse.train import HeadSettings, predict_logits, train_head, training_loss, warmup_cosine
+
+
+def head(widths=(6, 10), projections=True, contrastive=8):
+    names = {"image0": widths[0], "text1": widths[1]}
+    return FusionHead(
+        input_widths=names,
+        projections={"image0": 4, "text1": 5} if projections else {},
+        hidden_widths=(7,),
+        dropout=0.0,
+        num_classes=2,
+        contrastive_width=contrastive,
+    )
+
+
+def noisy_data(rows=80, seed=0):
+    """Weak signal and random labels in part: a big learning rate overfits, so the best
+    validation epoch comes early and differs from the last one."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 2, (rows,), generator=generator)
+    image = torch.randn(rows, 6, generator=generator) + 0.6 * labels[:, None]
+    text = torch.randn(rows, 10, generator=generator) + 0.3 * labels[:, None]
+    groups = torch.arange(rows) // 2
+    return [image, text], labels, groups
+
+
+def test_selection_restores_the_weights_of_the_kept_epoch():
+    inputs, labels, groups = noisy_data()
+    train, val = torch.arange(0, 50), torch.arange(50, 80)
+    settings = HeadSettings(
+        epochs=40, warmup_epochs=2, learning_rate=0.05, batch_size=16, precision="fp32"
+    )
+    torch.manual_seed(0)
+    trained = train_head(head(), inputs, labels, groups, train, val, settings, seed=0)
+    assert not trained.fallback
+    assert 2 < trained.best_epoch < 40  # overfitting: the kept epoch is not the last
+    kept = trained.history[trained.best_epoch - 1]
+    assert kept["val_loss"] == min(h["val_loss"] for h in trained.history[2:])
+    logits = predict_logits(trained.model, [x[val] for x in inputs], "fp32")
+    assert F.cross_entropy(logits, labels[val]).item() == pytest.approx(kept["val_loss"], abs=1e-6)
+
+
+def test_warm_up_epochs_and_one_class_heads_are_never_kept():
+    inputs, labels, groups = noisy_data()
+    train, val = torch.arange(0, 50), torch.arange(50, 80)
+    # A learning rate so small that the head barely moves: it puts every row in one class.
+    settings = HeadSettings(epochs=6, warmup_epochs=2, learning_rate=1e-9, precision="fp32")
+    torch.manual_seed(0)
+    model = head()
+    with torch.no_grad():
+        model.classifier[-1].bias.copy_(torch.tensor([5.0, -5.0]))
+    trained = train_head(model, inputs, labels, groups, train, val, settings, seed=0)
+    assert trained.fallback and trained.best_epoch == 6
+    settings = HeadSettings(epochs=6, warmup_epochs=4, learning_rate=0.05, precision="fp32")
+    trained = train_head(head(), inputs, labels, groups, train, val, settings, seed=0)
+    assert trained.best_epoch > 4
+
+
+def test_warmup_then_cosine_schedule():
+    assert warmup_cosine(0, 10, 110) == pytest.approx(0.1)
+    assert warmup_cosine(9, 10, 110) == pytest.approx(1.0)
+    assert warmup_cosine(10, 10, 110) == pytest.approx(1.0)
+    assert warmup_cosine(60, 10, 110) == pytest.approx(0.5)
+    assert warmup_cosine(110, 10, 110) == pytest.approx(0.0)
+    inputs, labels, groups = noisy_data()
+    settings = HeadSettings(
+        epochs=6, warmup_epochs=2, learning_rate=0.01, batch_size=25, precision="fp32"
+    )
+    trained = train_head(
+        head(), inputs, labels, groups, torch.arange(50), torch.arange(50, 80), settings, 0
+    )
+    steps_per_epoch, total = 2, 12
+    for record in trained.history:  # the rate after each epoch's last step
+        step = record["epoch"] * steps_per_epoch
+        assert record["learning_rate"] == pytest.approx(0.01 * warmup_cosine(step, 4, total))
+
+
+def test_loss_is_cross_entropy_plus_weighted_nt_xent_between_the_two_inputs():
+    inputs, labels, groups = noisy_data(rows=12)
+    model = head()
+    model.eval()
+    settings = HeadSettings(contrastive_weight=0.3, temperature=0.2)
+    loss = training_loss(model, inputs, labels, groups, settings)
+    logits, (image_embedding, text_embedding) = model(inputs)
+    expected = F.cross_entropy(logits, labels) + 0.3 * nt_xent(
+        image_embedding, text_embedding, groups, 0.2
+    )
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert loss.item() != pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-3)
+    loss.backward()
+    for layer in model.contrastive.values():
+        assert layer.weight.grad.abs().sum() > 0  # the NT-Xent term reaches its heads
+
+
+def test_single_modality_and_baseline_heads_have_no_contrastive_term():
+    assert not head(contrastive=0).contrastive
+    baseline = head(projections=False, contrastive=8)
+    assert not baseline.projectors and not baseline.contrastive
+    logits, embeddings = baseline([torch.randn(3, 6), torch.randn(3, 10)])
+    assert logits.shape == (3, 2) and embeddings is None
+
+
+def test_bf16_training_stays_close_to_fp32():
+    inputs, labels, groups = noisy_data(rows=200, seed=1)
+    train, val = torch.arange(0, 150), torch.arange(150, 200)
+    results = {}
+    for precision in ("fp32", "bf16"):
+        settings = HeadSettings(epochs=10, warmup_epochs=1, learning_rate=0.01, precision=precision)
+        torch.manual_seed(0)
+        trained = train_head(head(), inputs, labels, groups, train, val, settings, seed=0)
+        results[precision] = trained.history[-1]["val_loss"]
+    assert math.isclose(results["fp32"], results["bf16"], rel_tol=0.05)
