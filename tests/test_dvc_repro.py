@@ -23,20 +23,27 @@ def test_dvc_repro_runs_every_stage_and_writes_metrics(tmp_path):
             shutil.copy(source, tmp_path / item)
     params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
     params["demo"].update(SMALL_DEMO)
-    params["fuse"].update({"epochs": 3, "warmup_epochs": 1})
+    params["fuse"].update({"epochs": 3, "warmup_epochs": 1, "trials": 2})
+    params["fuse_report"].update({"bootstrap_resamples": 100})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
     subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
 
     result = subprocess.run(["dvc", "repro"], cwd=tmp_path, capture_output=True, text=True)
 
     assert result.returncode == 0, result.stdout + result.stderr
-    for stage in ("demo", "extract_image", "extract_text", "fuse"):
+    for stage in ("demo", "extract_image", "extract_text", "fuse", "report"):
         assert f"Running stage '{stage}'" in result.stdout
-    metrics = json.loads((tmp_path / "reports" / "metrics.json").read_text())
+    reports = tmp_path / "reports"
     manifest = pd.read_csv(tmp_path / "data" / "demo" / "manifest.csv", dtype=str)
-    for variant in ("fusion", "image", "report"):
-        assert 0.0 <= metrics[variant]["test"]["auc"] <= 1.0
-        assert metrics[variant]["external"]["n"] == (manifest["split"] == "external").sum()
-    assert (tmp_path / "reports" / "roc.png").is_file()
+    predictions = pd.read_parquet(reports / "protocol" / "predictions.parquet")
+    assert len(predictions) == len(manifest) * 3 * 2 * 2  # models x heads x trials
+    for model in ("M4", "M1", "M2"):
+        metrics = json.loads((reports / "metrics" / f"{model}.json").read_text())
+        assert 0.0 <= metrics["test_auc"] <= 1.0 and 0.0 <= metrics["external_auc"] <= 1.0
+    assert "Table 4" in (reports / "tables.md").read_text()
+    for plot in ("roc_internal.png", "roc_external.png", "training_curves.png"):
+        assert (reports / plot).is_file()
+    shown = subprocess.run(["dvc", "metrics", "show"], cwd=tmp_path, capture_output=True, text=True)
+    assert shown.returncode == 0 and "M4.json" in shown.stdout, shown.stdout + shown.stderr
     again = subprocess.run(["dvc", "repro"], cwd=tmp_path, capture_output=True, text=True)
     assert again.returncode == 0 and "Running stage" not in again.stdout  # all cached

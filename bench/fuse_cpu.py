@@ -1,0 +1,376 @@
+"""How fast does a VLMF-Net head train on a CPU, against the straightforward way and the floor?
+
+On a synthetic cache of the paper's shape (5,799 pairs, 404 reports, 1024-d image and
+4096-d report vectors), in one run, side by side:
+
+1. the reference loop: a per-pair Dataset and DataLoader, nn.Linear layers, default AdamW,
+   float32 (the same model, loss, schedule, batch size and validation each epoch);
+2. `fuse`'s training (fuse.train.train_head): tensors in memory, fused AdamW, bf16 autocast;
+3. this machine's floor for that training: model FLOPs over a bf16 matmul rate, plus the
+   optimizer's bytes over the memory bandwidth, both measured here;
+4. the whole protocol (python -m fuse protocol's code: M1-M4 and the baselines at their
+   real widths, N trials, probes) on synthetic feature files;
+5. peak RSS of the process.
+
+Seconds per 80-epoch training are measured on `--epochs` epochs and scaled to 80 (said in
+the output). Writes bench/results/fuse_cpu.json. The last line ends in `ratio: N`.
+
+    python bench/fuse_cpu.py                 # full
+    python bench/fuse_cpu.py --epochs 4 --protocol-epochs 4   # quicker
+    python bench/fuse_cpu.py --smoke         # seconds, tiny shapes (run by the tests)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import platform
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, Dataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cache.store import FeatureSet, write_features  # noqa: E402
+from fuse.losses import nt_xent  # noqa: E402
+from fuse.model import FusionHead  # noqa: E402
+from fuse.protocol import ProtocolConfig  # noqa: E402
+from fuse.protocol import run as run_protocol  # noqa: E402
+from fuse.train import HeadSettings, train_head, warmup_cosine  # noqa: E402
+from pipeline.keys import pair_key, text_key  # noqa: E402
+
+PAPER = {"pairs": 5799, "reports": 404, "image": 1024, "text": 4096}
+SMOKE = {"pairs": 240, "reports": 24, "image": 32, "text": 48}
+# Real widths of each protocol model's features (encoder, modality) -> width.
+REAL_WIDTHS = {
+    ("blip2-qformer", "image"): 1024,  # the paper's image vector
+    ("llama3", "text"): 4096,
+    ("blip2-vit", "image"): 1408,
+    ("clip", "image"): 768,
+    ("clip", "text"): 768,
+    ("align", "image"): 640,
+    ("align", "text"): 640,
+    ("blip2-text", "text"): 768,
+    ("vilt", "pair"): 768,
+    ("chinese-clip", "image"): 512,
+    ("chinese-clip", "text"): 512,
+}
+RESULTS = Path(__file__).parent / "results" / "fuse_cpu.json"
+
+
+def synthetic_rows(shape: dict[str, int], seed: int = 0):
+    """Row-aligned image/text vectors with a weak label signal, report ids and a split."""
+    rng = np.random.default_rng(seed)
+    report_of_row = np.sort(rng.integers(0, shape["reports"], shape["pairs"]))
+    report_label = rng.integers(0, 2, shape["reports"])
+    labels = report_label[report_of_row]
+    image = rng.normal(0, 1, (shape["pairs"], shape["image"])) + 0.3 * labels[:, None]
+    text = rng.normal(0, 1, (shape["reports"], shape["text"]))[report_of_row]
+    text += 0.3 * labels[:, None]
+    order = rng.permutation(shape["reports"])
+    split_of_report = np.where(
+        order < 0.8 * shape["reports"], 0, np.where(order < 0.9 * shape["reports"], 1, 2)
+    )
+    splits = split_of_report[report_of_row]
+    return (
+        torch.tensor(image, dtype=torch.float32),
+        torch.tensor(text, dtype=torch.float32),
+        torch.tensor(labels),
+        torch.tensor(report_of_row),
+        torch.from_numpy(np.flatnonzero(splits == 0)),
+        torch.from_numpy(np.flatnonzero(splits == 1)),
+    )
+
+
+class ReferenceHead(nn.Module):
+    """VLMF-Net's head written the plain way, with nn.Linear: the same function as fuse's."""
+
+    def __init__(self, image_width: int, text_width: int, settings: HeadSettings) -> None:
+        super().__init__()
+        self.image_projector = nn.Linear(image_width, settings.image_projection)
+        self.text_projector = nn.Linear(text_width, settings.text_projection)
+        layers, width = [], settings.image_projection + settings.text_projection
+        for hidden in settings.hidden_widths:
+            layers += [nn.Linear(width, hidden), nn.ReLU(), nn.Dropout(settings.dropout)]
+            width = hidden
+        self.classifier = nn.Sequential(*layers, nn.Linear(width, 2))
+        self.image_contrastive = nn.Linear(settings.image_projection, settings.contrastive_width)
+        self.text_contrastive = nn.Linear(settings.text_projection, settings.contrastive_width)
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor):
+        image_z = F.normalize(self.image_projector(image), dim=-1)
+        text_z = F.normalize(self.text_projector(text), dim=-1)
+        logits = self.classifier(torch.cat([image_z, text_z], dim=-1))
+        return logits, self.image_contrastive(image_z), self.text_contrastive(text_z)
+
+
+class Pairs(Dataset):
+    """One image-report pair per item, the way a first version reads a cache."""
+
+    def __init__(self, image, text, labels, groups, rows) -> None:
+        self.image, self.text, self.labels, self.groups, self.rows = (
+            image,
+            text,
+            labels,
+            groups,
+            rows,
+        )
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int):
+        row = self.rows[index]
+        return self.image[row], self.text[row], self.labels[row], self.groups[row]
+
+
+def reference_training(data, settings: HeadSettings, seed: int) -> float:
+    """The straightforward loop; returns seconds."""
+    image, text, labels, groups, train, val = data
+    torch.manual_seed(seed)
+    model = ReferenceHead(image.shape[1], text.shape[1], settings)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay
+    )
+    loader = DataLoader(
+        Pairs(image, text, labels, groups, train), batch_size=settings.batch_size, shuffle=True
+    )
+    steps_per_epoch = math.ceil(len(train) / settings.batch_size)
+    total, warmup = steps_per_epoch * settings.epochs, steps_per_epoch * settings.warmup_epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, warmup, total)
+    )
+    start = time.perf_counter()
+    best_loss, best_state = math.inf, None
+    for _ in range(settings.epochs):
+        model.train()
+        for batch_image, batch_text, batch_labels, batch_groups in loader:
+            logits, image_embedding, text_embedding = model(batch_image, batch_text)
+            loss = F.cross_entropy(logits, batch_labels) + settings.contrastive_weight * nt_xent(
+                image_embedding, text_embedding, batch_groups, settings.temperature
+            )
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+        model.eval()
+        with torch.no_grad():
+            val_loss = F.cross_entropy(model(image[val], text[val])[0], labels[val]).item()
+        if val_loss < best_loss:
+            best_loss = val_loss
+            best_state = {name: value.clone() for name, value in model.state_dict().items()}
+    model.load_state_dict(best_state)
+    return time.perf_counter() - start
+
+
+def fuse_training(data, settings: HeadSettings, seed: int) -> float:
+    """fuse's own training of the same head; returns seconds."""
+    image, text, labels, groups, train, val = data
+    torch.manual_seed(seed)
+    model = FusionHead(
+        input_widths={"image0": image.shape[1], "text1": text.shape[1]},
+        projections={"image0": settings.image_projection, "text1": settings.text_projection},
+        hidden_widths=settings.hidden_widths,
+        dropout=settings.dropout,
+        num_classes=2,
+        contrastive_width=settings.contrastive_width,
+    )
+    start = time.perf_counter()
+    train_head(model, [image, text], labels, groups, train, val, settings, seed)
+    return time.perf_counter() - start
+
+
+def _best_seconds(action, repeats: int = 5) -> float:
+    action()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        action()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def floor_seconds(shape: dict[str, int], settings: HeadSettings, train_rows: int) -> dict:
+    """FLOPs over a measured bf16 matmul rate + optimizer bytes over measured bandwidth."""
+    batch = settings.batch_size
+    a = torch.randn(batch, shape["text"], dtype=torch.bfloat16)
+    w = torch.randn(shape["text"], settings.text_projection, dtype=torch.bfloat16)
+    matmul_seconds = _best_seconds(lambda: a @ w)
+    matmul_rate = 2 * batch * shape["text"] * settings.text_projection / matmul_seconds
+    big = torch.randn(64_000_000)
+    other = torch.randn(64_000_000)
+    add_seconds = _best_seconds(lambda: big.add_(other))
+    bandwidth = 3 * 4 * big.numel() / add_seconds  # read two, write one float32 stream
+
+    projected = settings.image_projection + settings.text_projection
+    first_layers = [
+        (shape["image"], settings.image_projection),
+        (shape["text"], settings.text_projection),
+    ]
+    inner_layers = [
+        (settings.image_projection, settings.contrastive_width),
+        (settings.text_projection, settings.contrastive_width),
+    ]
+    width = projected
+    for hidden in (*settings.hidden_widths, 2):
+        inner_layers.append((width, hidden))
+        width = hidden
+    # forward + weight gradient for every layer; input gradient only where inputs train.
+    step_flops = sum(4 * batch * i * o for i, o in first_layers)
+    step_flops += sum(6 * batch * i * o for i, o in inner_layers)
+    parameters = sum(i * o + o for i, o in first_layers + inner_layers)
+    steps = math.ceil(train_rows / batch) * settings.epochs
+    optimizer_bytes = parameters * 4 * 7  # read param, grad, m, v; write param, m, v
+    compute = steps * step_flops / matmul_rate
+    memory = steps * optimizer_bytes / bandwidth
+    return {
+        "matmul_gflops_bf16": matmul_rate / 1e9,
+        "bandwidth_gbs": bandwidth / 1e9,
+        "parameters": parameters,
+        "step_gflop": step_flops / 1e9,
+        "compute_seconds": compute,
+        "optimizer_seconds": memory,
+        "floor_seconds": compute + memory,
+    }
+
+
+def write_protocol_cache(folder: Path, shape: dict[str, int], widths: dict) -> tuple[Path, list]:
+    """A manifest of the paper's shape and one feature file per protocol feature."""
+    rng = np.random.default_rng(0)
+    report_of_row = np.sort(rng.integers(0, shape["reports"], shape["pairs"]))
+    labels = rng.integers(0, 2, shape["reports"])
+    reports = [f"报告{index}：声带所见" for index in range(shape["reports"])]
+    table = pd.DataFrame(
+        {
+            "image_path": [f"images/{row}.png" for row in range(shape["pairs"])],
+            "report_text": [reports[r] for r in report_of_row],
+            "label": [("VCD", "GC")[labels[r]] for r in report_of_row],
+            "patient_id": [f"P{r}" for r in report_of_row],
+        }
+    )
+    manifest = folder / "manifest.csv"
+    table.to_csv(manifest, index=False)
+    image_keys = {path: f"image-{row}" for row, path in enumerate(table["image_path"])}
+    report_keys = [text_key(report) for report in reports]
+    row_labels = np.array([labels[r] for r in report_of_row])
+    paths = []
+    for (encoder, modality), width in widths.items():
+        if modality == "text":
+            keys, vectors = (
+                report_keys,
+                rng.normal(0, 1, (len(reports), width)) + 0.3 * labels[:, None],
+            )
+            sources = {}
+        else:
+            keys = list(image_keys.values())
+            if modality == "pair":
+                keys = [
+                    pair_key(image_keys[p], text_key(t))
+                    for p, t in zip(table["image_path"], table["report_text"], strict=True)
+                ]
+            vectors = rng.normal(0, 1, (len(keys), width)) + 0.3 * row_labels[:, None]
+            sources = image_keys
+        path = folder / f"{encoder}-{modality}.h5"
+        write_features(
+            path,
+            FeatureSet(
+                keys=tuple(keys),
+                vectors=vectors.astype(np.float32),
+                provenance={"encoder": encoder, "modality": modality, "pooling": "mean"},
+                sources=sources,
+            ),
+        )
+        paths.append(str(path))
+    return manifest, paths
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--epochs", type=int, default=80, help="epochs timed per training")
+    parser.add_argument("--protocol-epochs", type=int, default=80, help="epochs per protocol head")
+    parser.add_argument("--trials", type=int, default=5, help="protocol trials")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, 2 epochs, 1 trial")
+    args = parser.parse_args()
+    shape = SMOKE if args.smoke else PAPER
+    epochs = 2 if args.smoke else args.epochs
+    protocol_epochs = 2 if args.smoke else args.protocol_epochs
+    trials = 1 if args.smoke else args.trials
+    widths = {key: (16 if args.smoke else width) for key, width in REAL_WIDTHS.items()}
+    torch.set_num_threads(torch.get_num_threads())  # one process, every core, no oversubscription
+    settings = HeadSettings(epochs=epochs, warmup_epochs=min(5, epochs - 1), batch_size=64)
+    data = synthetic_rows(shape)
+    scale = 80 / epochs
+    print(
+        f"shape {shape}, batch 64, {epochs} epochs timed, scaled to 80; "
+        f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
+    )
+
+    reference = reference_training(data, settings, 0) * scale
+    print(f"reference loop (per-pair DataLoader, AdamW, fp32): {reference:.1f} s / 80 epochs")
+    ours = fuse_training(data, settings, 0) * scale
+    print(f"fuse (in memory, fused AdamW, bf16):               {ours:.1f} s / 80 epochs")
+    floor = floor_seconds(shape, dataclasses.replace(settings, epochs=80), len(data[4]))
+    print(
+        f"floor: {floor['step_gflop']:.2f} GFLOP/step at {floor['matmul_gflops_bf16']:.0f} GFLOP/s "
+        f"(bf16 matmul) = {floor['compute_seconds']:.1f} s, + {floor['parameters'] / 1e6:.1f}M "
+        f"params x 28 B/step at {floor['bandwidth_gbs']:.1f} GB/s = "
+        f"{floor['optimizer_seconds']:.1f} s; total {floor['floor_seconds']:.1f} s; "
+        f"fuse is {ours / floor['floor_seconds']:.2f}x the floor"
+    )
+
+    with tempfile.TemporaryDirectory() as folder:
+        manifest, paths = write_protocol_cache(Path(folder), shape, widths)
+        config = ProtocolConfig(
+            manifest=str(manifest),
+            features=tuple(paths),
+            out=str(Path(folder) / "out"),
+            trials=trials,
+            epochs=protocol_epochs,
+            warmup_epochs=min(5, protocol_epochs - 1),
+        )
+        start = time.perf_counter()
+        run_protocol(config)
+        protocol_seconds = time.perf_counter() - start
+    protocol_scaled = protocol_seconds * 80 / protocol_epochs
+    print(
+        f"whole protocol ({len(config.models)} models x {trials} trials + probes, "
+        f"{protocol_epochs} epochs): {protocol_seconds:.0f} s measured, "
+        f"about {protocol_scaled / 60:.1f} min at 80 epochs (probes not scaled: an over-estimate)"
+    )
+    peak_rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    print(f"peak RSS {peak_rss_gb:.2f} GB")
+    result = {
+        "machine": platform.node(),
+        "threads": torch.get_num_threads(),
+        "shape": shape,
+        "epochs_timed": epochs,
+        "reference_seconds_80": reference,
+        "fuse_seconds_80": ours,
+        "floor": floor,
+        "protocol_seconds": protocol_seconds,
+        "protocol_epochs": protocol_epochs,
+        "protocol_trials": trials,
+        "protocol_seconds_80_estimate": protocol_scaled,
+        "peak_rss_gb": peak_rss_gb,
+        "ratio": reference / ours,
+        "smoke": args.smoke,
+    }
+    if not args.smoke:
+        RESULTS.parent.mkdir(exist_ok=True)
+        RESULTS.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(f"reference / fuse seconds per 80-epoch training, ratio: {reference / ours:.1f}")
+
+
+if __name__ == "__main__":
+    main()
