@@ -71,6 +71,8 @@ def _metrics_of(rows: pd.DataFrame, classes: Sequence[str]) -> dict[str, float]:
     shifted = np.clip(scores - rows["threshold"].to_numpy() + 0.5, 0.0, 1.0)
     at_val = classification_metrics(labels, np.c_[1 - shifted, shifted], classes)
     at_val["auc"] = at_half["auc"]
+    at_half["predicted_classes"] = float(len(np.unique(scores >= 0.5)))
+    at_val["predicted_classes"] = float(len(np.unique(shifted >= 0.5)))
     return {
         **{f"{name}@0.5": value for name, value in at_half.items()},
         **{f"{name}@val": value for name, value in at_val.items()},

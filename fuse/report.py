@@ -174,14 +174,23 @@ def _markdown(tables: Mapping[str, pd.DataFrame], runs: Mapping[str, Any], class
         f"{settings['warmup_epochs']} warm-up epochs, of {settings['epochs']}.",
         "",
     ]
+    per_trial = tables["per_trial"]
+    one_class = per_trial[(per_trial["head"] == "head") & (per_trial["predicted_classes@0.5"] < 2)]
     lines += _markdown_table(
-        ["model", "learning rate", "kept epochs", "heads that fell back to the last epoch"],
+        [
+            "model",
+            "learning rate",
+            "kept epochs",
+            "heads that fell back to the last epoch",
+            "trials whose head puts a whole set in one class (0.5 cut)",
+        ],
         [
             [
                 model,
                 f"{rows['learning_rate'].iloc[0]:g}",
                 ", ".join(str(int(epoch)) for epoch in rows["best_epoch"]),
                 str(int(rows["fallback_to_last_epoch"].sum())),
+                str(int((one_class["model"] == model).sum())),
             ]
             for model, rows in kept.groupby("model", sort=False)
         ],
