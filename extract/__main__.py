@@ -2,18 +2,36 @@
 
 from __future__ import annotations
 
+import argparse
+import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
+from extract.registry import available_encoders, describe, load_registry
 from extract.run import ExtractConfig, run
 from pipeline.cli import stage_main
+from pipeline.config import read_params_section
+from pipeline.errors import exit_on_user_error
 
 DESCRIPTION = """\
-Encode each unique image (by file content) or report (by normalised text) of a manifest
-once with a frozen encoder and write the vectors, keyed by content, to an HDF5 feature
-file with their provenance (encoder, weights fingerprint, pooling, dtype, ...).
-Image files also get a path -> key table, so training later needs no images.
-The manifest is validated before any model loads."""
+Encode each unique image (by file content), report (by normalised text) or, for pair
+encoders such as ViLT, image-report pair of a manifest once with a frozen encoder and write
+the vectors, keyed by content, to an HDF5 feature file with their provenance (encoder,
+weights fingerprint, pooling, dtype, ...). Image and pair files also get an image path ->
+image key table, so training later needs no images.
+The manifest is validated before any model loads.
+
+python -m extract --list [--registry FILE] [--params params.yaml --section S] prints every
+encoder, built-in and from the registry file, with its modality, loader, pooling, width,
+source and the file it came from, and exits. Built-in encoders:
+""" + textwrap.fill(
+    ", ".join(available_encoders()),
+    width=88,
+    initial_indent="  ",
+    subsequent_indent="  ",
+    break_on_hyphens=False,
+)
 
 EXAMPLES = """\
   # offline smoke run: tiny random weights of the same architectures
@@ -25,6 +43,11 @@ EXAMPLES = """\
   # real weights from a downloaded folder (hf download hfl/llama-3-chinese-8b --local-dir DIR)
   python -m extract --model llama3 --weights /models/llama-3-chinese-8b \\
       --manifest data/manifest.csv --out features/text.h5 --dtype bfloat16
+
+  # your own encoders (a YAML file naming local folders), then one of them
+  python -m extract --list --registry my_encoders.yaml
+  python -m extract --registry my_encoders.yaml --model my-bert --weights hub \\
+      --manifest data/manifest.csv --out features/my-bert.h5
 
   # real weights from the local Hugging Face cache (never downloads)
   python -m extract --model blip2-qformer --weights hub \\
@@ -38,8 +61,27 @@ EXAMPLES = """\
   python -m extract --params params.yaml --section extract_text"""
 
 
-def main(argv: Sequence[str] | None = None) -> Path:
-    """Run the extract stage with command-line arguments `argv` (default: sys.argv)."""
+def list_encoders(argv: Sequence[str]) -> None:
+    """Print the registry (built-in entries and --registry's, or the params section's)."""
+    parser = argparse.ArgumentParser(prog="python -m extract --list")
+    parser.add_argument("--list", action="store_true")
+    parser.add_argument("--registry")
+    parser.add_argument("--params")
+    parser.add_argument("--section", default="extract_image")
+    args, _ = parser.parse_known_args(argv)
+    registry_file = args.registry
+    if registry_file is None and args.params:
+        registry_file = read_params_section(args.params, args.section).get("registry", "")
+    print(describe(load_registry(registry_file or "")))
+
+
+def main(argv: Sequence[str] | None = None) -> Path | None:
+    """Run the extract stage with command-line arguments `argv` (default: sys.argv); with
+    --list, print the encoders instead and return None."""
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    if "--list" in arguments and not {"-h", "--help"} & set(arguments):
+        exit_on_user_error(lambda: list_encoders(arguments))
+        return None
     return stage_main(
         ExtractConfig,
         run,
@@ -47,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         section="extract_image",
         description=DESCRIPTION,
         examples=EXAMPLES,
-        argv=argv,
+        argv=arguments,
     )
 
 

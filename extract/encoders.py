@@ -1,13 +1,18 @@
 """Frozen encoders behind one contract: a batch in, a float32 tensor [N, width] out.
 
-`load_encoder(spec, weights, device, dtype)` builds the model an EncoderSpec names from
-one of three weight sources:
+This module holds what every encoder shares: where weights come from, how a model is built
+or loaded and fingerprinted, tokenizers, pooling, and the Encoder base class. The encoders
+themselves are in extract.blip2 and extract.auto_encoders; extract.loaders maps a spec's
+loader to one and loads it.
+
+Weights come from one of three sources:
 
 - "tiny": the spec's small config of the same architecture classes, with seeded random
   weights (the same vectors on every run) and, for text, the tokenizer shipped in
   extract/model_configs/. Offline; for tests and demos.
-- "hub": `from_pretrained` on the spec's hub id, from the local Hugging Face cache only:
-  this stage never downloads, so an uncached model fails at once instead of after retries.
+- "hub": the entry's source: `from_pretrained` on its hub id, from the local Hugging Face
+  cache only (this stage never downloads, so an uncached model fails at once instead of
+  after retries); for a user entry that names a folder, that folder.
 - a folder: `from_pretrained` on a downloaded checkpoint.
 """
 
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,25 +30,19 @@ from typing import Any
 import torch
 from huggingface_hub import constants as hub_constants
 from huggingface_hub import snapshot_download
-from huggingface_hub.errors import LocalEntryNotFoundError
+from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 from torch import nn
-from torch.nn import init
 from transformers import (
-    CONFIG_MAPPING,
     MODEL_MAPPING,
     AutoConfig,
     AutoTokenizer,
+    BatchEncoding,
     PretrainedConfig,
     PreTrainedTokenizerBase,
 )
 from transformers.modeling_utils import PreTrainedModel
-from transformers.models.blip_2.modeling_blip_2 import (
-    Blip2Config,
-    Blip2PreTrainedModel,
-    Blip2QFormerModel,
-    Blip2VisionModel,
-)
 
+from extract.preprocess import preprocessing_from_folder
 from extract.registry import EncoderSpec
 from pipeline.errors import UserError
 
@@ -53,30 +53,43 @@ FINGERPRINT_METHODS = {
     "folder": "sha256 over every file's relative path, size and bytes "
     "(only the first and last MiB of files over 2 MiB)",
 }
+DEFAULT_MAX_LENGTH = 512  # tokens, when neither the entry nor the model sets a lower limit
 _FINGERPRINT_CHUNK = 1 << 20
+_NO_LIMIT = 1_000_000  # tokenizers without a length limit report a huge model_max_length
 
 
 @dataclass(frozen=True)
 class Weights:
     """Where an encoder's weights come from."""
 
-    kind: str  # "tiny", "hub" or "folder"
-    folder: Path | None  # the checkpoint folder; for "hub" the snapshot in the local cache
+    kind: str  # "tiny", "hub" (the entry's source) or "folder" (--weights FOLDER)
+    folder: Path | None  # the checkpoint folder; for "hub" the snapshot or the entry's folder
 
 
 def resolve_weights(spec: EncoderSpec, weights: str) -> Weights:
     """Turn the --weights value ("tiny", "hub" or a folder) into a weight source.
 
     Raises:
-        UserError: "hub" when the model is not in the local cache, or a folder that does
-            not exist; the message says how to point at a downloaded folder.
+        UserError: tiny weights for an entry without a tiny config; "hub" when the model is
+            not in the local cache (or the entry's folder is absent); a folder that does not
+            exist. Each message says what to pass instead.
     """
     if weights == "tiny":
+        if not spec.tiny_config:
+            raise UserError(
+                f"{spec.where} has no tiny_config, which --weights tiny needs: pass "
+                f"--weights hub to load its source ({spec.source}) or --weights FOLDER, or "
+                "add a tiny_config (a small config of the same architecture) to the entry"
+            )
         return Weights("tiny", None)
     if weights == "hub":
+        if Path(spec.source).is_absolute():  # a user entry naming a local folder
+            if not Path(spec.source).is_dir():
+                raise UserError(f"{spec.where}: source folder {spec.source} does not exist")
+            return Weights("hub", Path(spec.source))
         try:
             folder = snapshot_download(spec.source, local_files_only=True)
-        except LocalEntryNotFoundError:
+        except (LocalEntryNotFoundError, HFValidationError):
             raise UserError(
                 f"--weights hub: {spec.source} (encoder {spec.name}) is not in the local "
                 f"Hugging Face cache ({hub_constants.HF_HUB_CACHE}) and this stage never "
@@ -112,8 +125,10 @@ def pool(hidden: torch.Tensor, pooling: str, mask: torch.Tensor | None = None) -
 
     Args:
         hidden: the encoder's last hidden states.
-        pooling: "mean" over real tokens, "first" token, or "last" real token of each row.
-        mask: [N, tokens], 1 for real tokens, 0 for padding; None means all real.
+        pooling: "mean" over the tokens the mask keeps, "first" token, or "last" kept token
+            of each row.
+        mask: [N, tokens], 1 for tokens to pool, 0 for padding (and anything else left
+            out); None keeps all.
     """
     hidden = hidden.float()
     if mask is None:
@@ -129,51 +144,6 @@ def pool(hidden: torch.Tensor, pooling: str, mask: torch.Tensor | None = None) -
         last_real = (positions * mask).argmax(dim=1)
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last_real]
     raise ValueError(f"unknown pooling {pooling!r}")
-
-
-class Blip2ImageQFormer(Blip2PreTrainedModel):
-    """BLIP-2's vision tower, query tokens and Q-Former, without the language model.
-
-    The attribute names are those of Blip2ForConditionalGeneration, so `from_pretrained`
-    on a full BLIP-2 checkpoint (e.g. Salesforce/blip2-opt-2.7b) fills these parts and
-    skips the OPT weights.
-    """
-
-    config: Blip2Config
-    main_input_name = "pixel_values"
-    input_modalities = ("image",)
-    _keep_in_fp32_modules = ["query_tokens", "qformer"]  # as BLIP-2 itself does
-    _keys_to_ignore_on_load_unexpected = [r"^language_model\.", r"^language_projection\."]
-
-    def __init__(self, config: Blip2Config) -> None:
-        super().__init__(config)
-        self.vision_model = Blip2VisionModel._from_config(config.vision_config)
-        self.query_tokens = nn.Parameter(
-            torch.zeros(1, config.num_query_tokens, config.qformer_config.hidden_size)
-        )
-        self.qformer = Blip2QFormerModel._from_config(config.qformer_config)
-        self.post_init()
-
-    @torch.no_grad()
-    def _init_weights(self, module: nn.Module) -> None:
-        super()._init_weights(module)
-        if module is self:
-            # BLIP-2 starts its query tokens at zero, which makes all 32 queries equal in a
-            # random (tiny) model; trained checkpoints overwrite them anyway.
-            init.trunc_normal_(module.query_tokens, std=self.config.initializer_range)
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Images [N, 3, H, W] -> Q-Former query outputs [N, queries, hidden]."""
-        image_embeds = self.vision_model(pixel_values=pixel_values).last_hidden_state
-        image_mask = torch.ones(
-            image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device
-        )
-        queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
-        return self.qformer(
-            query_embeds=queries,
-            encoder_hidden_states=image_embeds,
-            encoder_attention_mask=image_mask,
-        ).last_hidden_state
 
 
 def parameters_fingerprint(model: nn.Module) -> str:
@@ -218,17 +188,24 @@ def _place(model: PreTrainedModel, device: torch.device, dtype: torch.dtype) -> 
     return model
 
 
-def _model_config(spec: EncoderSpec, weights: Weights) -> PretrainedConfig:
+def model_config(spec: EncoderSpec, weights: Weights) -> PretrainedConfig:
+    """The architecture's config: the spec's tiny config, or the checkpoint folder's.
+
+    Raises:
+        UserError: the folder holds no config, or one of another architecture than the
+            entry's tiny config names.
+    """
     if weights.kind == "tiny":
         return AutoConfig.for_model(**spec.tiny_config)
     try:
         config = AutoConfig.from_pretrained(weights.folder, local_files_only=True)
-    except OSError as error:
+    except (OSError, ValueError) as error:
+        reason = str(error).splitlines()[0]
         raise UserError(
-            f"{weights.folder} is not a Hugging Face checkpoint folder: {error}"
+            f"{weights.folder} is not a Hugging Face checkpoint folder: {reason}"
         ) from None
-    expected_type = spec.tiny_config["model_type"]
-    if config.model_type != expected_type:
+    expected_type = spec.tiny_config.get("model_type")
+    if expected_type and config.model_type != expected_type:
         raise UserError(
             f"{weights.folder} holds a '{config.model_type}' checkpoint; encoder {spec.name} "
             f"needs a '{expected_type}' one ({spec.source})"
@@ -236,110 +213,33 @@ def _model_config(spec: EncoderSpec, weights: Weights) -> PretrainedConfig:
     return config
 
 
-def _load_model(
-    model_class: type[PreTrainedModel],
-    spec: EncoderSpec,
-    weights: Weights,
-    device: torch.device,
-    dtype: torch.dtype,
-) -> tuple[PreTrainedModel, str]:
-    """The model in eval mode on `device`, and its weights' fingerprint."""
-    config = _model_config(spec, weights)
-    if weights.kind == "tiny":
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(TINY_SEED)
-            model = model_class(config)
-        fingerprint = parameters_fingerprint(model)
-        return _place(model, device, dtype).eval(), fingerprint
+def auto_model_class(config: PretrainedConfig) -> type[PreTrainedModel]:
+    """The base model class (no task head) AutoModel picks for `config`.
+
+    Raises:
+        UserError: transformers has no base model for this architecture.
+    """
     try:
-        model, loading_info = model_class.from_pretrained(
-            weights.folder,
-            config=config,
-            dtype=dtype,
-            device_map={"": device},
-            local_files_only=True,
-            output_loading_info=True,
-        )
-    except OSError as error:
-        raise UserError(f"cannot load {spec.name} from {weights.folder}: {error}") from None
-    if loading_info["missing_keys"]:
-        # from_pretrained would fill them with random values: features would be noise.
-        missing = sorted(loading_info["missing_keys"])
+        return MODEL_MAPPING[type(config)]
+    except KeyError:
         raise UserError(
-            f"{weights.folder} lacks {len(missing)} weight(s) of {spec.name}, e.g. {missing[0]}; "
-            f"is it a complete checkpoint of {spec.source}?"
+            f"transformers {__import__('transformers').__version__} has no model for "
+            f"'{config.model_type}' checkpoints"
+        ) from None
+
+
+def _tokenizer(spec: EncoderSpec, weights: Weights) -> PreTrainedTokenizerBase:
+    """The entry's tokenizer: the tiny one for tiny weights, else the checkpoint folder's,
+    padding on the right."""
+    if weights.kind == "tiny" and not spec.tiny_tokenizer:
+        raise UserError(
+            f"{spec.where}: key 'tiny_tokenizer' is needed for --weights tiny: name a "
+            "tokenizer folder (e.g. tiny-bert-zh-tokenizer, shipped in extract/model_configs)"
         )
-    return model.eval(), folder_fingerprint(weights.folder)
-
-
-class Encoder(ABC):
-    """A frozen encoder ready to run: `encode(batch)` returns float32 [N, width]."""
-
-    def __init__(
-        self, spec: EncoderSpec, model: PreTrainedModel, weights: Weights, fingerprint: str
-    ) -> None:
-        self.spec = spec
-        self.model = model
-        self.weights = weights
-        self.weights_fingerprint = fingerprint
-        self.device = model.device
-
-    @classmethod
-    def load(
-        cls, spec: EncoderSpec, weights: Weights, device: torch.device, dtype: torch.dtype
-    ) -> Encoder:
-        """Build or load the model of `spec` from `weights` onto `device`."""
-        model, fingerprint = _load_model(cls.model_class(spec), spec, weights, device, dtype)
-        return cls(spec, model, weights, fingerprint)
-
-    @staticmethod
-    @abstractmethod
-    def model_class(spec: EncoderSpec) -> type[PreTrainedModel]:
-        """The transformers class that holds this encoder's weights."""
-
-    @property
-    @abstractmethod
-    def width(self) -> int:
-        """The length of one output vector with these weights."""
-
-    @abstractmethod
-    def encode(self, batch: Any) -> torch.Tensor:
-        """One batch of inputs -> float32 [N, width] on the encoder's device."""
-
-    def provenance(self) -> dict[str, Any]:
-        """What identifies this encoder's outputs, beyond the spec."""
-        method = "tiny" if self.weights.kind == "tiny" else "folder"
-        return {
-            "weights_fingerprint": self.weights_fingerprint,
-            "weights_fingerprint_method": FINGERPRINT_METHODS[method],
-            "model_config": json.loads(self.model.config.to_json_string(use_diff=False)),
-            "width": self.width,
-        }
-
-
-class Blip2QFormerEncoder(Encoder):
-    """Images -> BLIP-2 Q-Former query outputs, pooled over the queries."""
-
-    @staticmethod
-    def model_class(spec: EncoderSpec) -> type[PreTrainedModel]:
-        return Blip2ImageQFormer
-
-    @property
-    def width(self) -> int:
-        return self.model.config.qformer_config.hidden_size
-
-    def encode(self, batch: torch.Tensor) -> torch.Tensor:
-        """Preprocessed images [N, 3, size, size] -> [N, Q-Former hidden size]."""
-        vision_dtype = self.model.vision_model.dtype
-        queries = self.model(batch.to(self.device, dtype=vision_dtype))
-        return pool(queries, self.spec.pooling)
-
-
-def _load_tokenizer(spec: EncoderSpec, weights: Weights) -> PreTrainedTokenizerBase:
     folder = spec.tiny_tokenizer_folder if weights.kind == "tiny" else weights.folder
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError):
+    except (OSError, ValueError, TypeError):
         raise UserError(
             f"{folder} holds no tokenizer that AutoTokenizer can load; copy the tokenizer "
             f"files of {spec.source} (tokenizer.json, tokenizer_config.json, ...) there"
@@ -351,12 +251,29 @@ def _load_tokenizer(spec: EncoderSpec, weights: Weights) -> PreTrainedTokenizerB
     return tokenizer
 
 
-class DecoderTextEncoder(Encoder):
-    """Texts -> a decoder LLM's last hidden states, pooled over the real tokens.
+def _max_positions(config: PretrainedConfig) -> int | None:
+    """The longest token sequence the model's (text) position embeddings allow, if stated."""
+    for part in (
+        config,
+        *(getattr(config, name, None) for name in ("text_config", "qformer_config")),
+    ):
+        positions = getattr(part, "max_position_embeddings", None)
+        if isinstance(positions, int):
+            return positions
+    return None
 
-    Any decoder that AutoModel loads (LLaMA, Qwen, Mistral, ...) fits: a new one is a JSON
-    file in extract/model_configs/ with "loader": "decoder-text".
+
+class Encoder(ABC):
+    """A frozen encoder ready to run: `encode(batch)` returns float32 [N, width].
+
+    Subclasses say which model class holds the weights and how a batch becomes vectors.
+    Encoders of texts and pairs get the entry's tokenizer and `tokenize`.
     """
+
+    # Weights the encoder never uses (regular expressions), which a checkpoint may lack
+    # without making its vectors noise: e.g. BERT's NSP pooler in a masked-LM checkpoint.
+    unused_weights: tuple[str, ...] = ()
+    l2_normalised = False  # whether encode() returns unit vectors
 
     def __init__(
         self,
@@ -364,83 +281,163 @@ class DecoderTextEncoder(Encoder):
         model: PreTrainedModel,
         weights: Weights,
         fingerprint: str,
-        tokenizer: PreTrainedTokenizerBase,
+        tokenizer: PreTrainedTokenizerBase | None = None,
     ) -> None:
-        super().__init__(spec, model, weights, fingerprint)
+        self.spec = spec
+        self.model = model
+        self.weights = weights
+        self.weights_fingerprint = fingerprint
+        self.device = model.device
         self.tokenizer = tokenizer
-        self.max_length = int(spec.preprocessing["max_length"])
+        self.preprocessing = self._resolve_preprocessing()
 
     @classmethod
     def load(
         cls, spec: EncoderSpec, weights: Weights, device: torch.device, dtype: torch.dtype
-    ) -> DecoderTextEncoder:
-        """Load the tokenizer (first: it is cheap, a missing one fails fast), then the model."""
-        tokenizer = _load_tokenizer(spec, weights)
-        model, fingerprint = _load_model(cls.model_class(spec), spec, weights, device, dtype)
+    ) -> Encoder:
+        """Build or load the model of `spec` from `weights` onto `device` (the tokenizer
+        first: it is cheap, and a missing one fails fast)."""
+        tokenizer = _tokenizer(spec, weights) if spec.modality in ("text", "pair") else None
+        config = model_config(spec, weights)
+        model_class = cls.model_class(config)
+        model, fingerprint = cls._load_model(model_class, config, spec, weights, device, dtype)
         return cls(spec, model, weights, fingerprint, tokenizer)
 
+    @classmethod
+    def _load_model(
+        cls,
+        model_class: type[PreTrainedModel],
+        config: PretrainedConfig,
+        spec: EncoderSpec,
+        weights: Weights,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> tuple[PreTrainedModel, str]:
+        """The model in eval mode on `device`, and its weights' fingerprint."""
+        if weights.kind == "tiny":
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(TINY_SEED)
+                model = model_class(config)
+            fingerprint = parameters_fingerprint(model)
+            return _place(model, device, dtype).eval(), fingerprint
+        try:
+            model, loading_info = model_class.from_pretrained(
+                weights.folder,
+                config=config,
+                dtype=dtype,
+                device_map={"": device},
+                local_files_only=True,
+                output_loading_info=True,
+            )
+        except OSError as error:
+            raise UserError(f"cannot load {spec.name} from {weights.folder}: {error}") from None
+        missing = sorted(
+            key
+            for key in loading_info["missing_keys"]
+            if not any(re.search(pattern, key) for pattern in cls.unused_weights)
+        )
+        if missing:
+            # from_pretrained would fill them with random values: features would be noise.
+            raise UserError(
+                f"{weights.folder} lacks {len(missing)} weight(s) of {spec.name}, e.g. "
+                f"{missing[0]}; is it a complete checkpoint of {spec.source}?"
+            )
+        return model.eval(), folder_fingerprint(weights.folder)
+
     @staticmethod
-    def model_class(spec: EncoderSpec) -> type[PreTrainedModel]:
-        # The base model without its LM head: from_pretrained on a *ForCausalLM
-        # checkpoint keeps the transformer and skips the head.
-        return MODEL_MAPPING[CONFIG_MAPPING[spec.tiny_config["model_type"]]]
+    @abstractmethod
+    def model_class(config: PretrainedConfig) -> type[PreTrainedModel]:
+        """The transformers class that holds this encoder's weights."""
 
     @property
+    @abstractmethod
     def width(self) -> int:
-        return self.model.config.hidden_size
+        """The length of one output vector with these weights."""
 
-    def encode(self, batch: Sequence[str]) -> torch.Tensor:
-        """Texts -> [N, hidden size], truncated to the spec's max_length tokens."""
+    @abstractmethod
+    def encode(self, batch: Any) -> torch.Tensor:
+        """One batch of inputs -> float32 [N, width] on the encoder's device."""
+
+    @property
+    def max_length(self) -> int:
+        """Tokens kept per text: the entry's max_length, else the model's own limit (at most
+        DEFAULT_MAX_LENGTH)."""
+        if "max_length" in self.spec.preprocessing:
+            return int(self.spec.preprocessing["max_length"])
+        limits = [DEFAULT_MAX_LENGTH, _max_positions(self.model.config)]
+        if self.tokenizer is not None:
+            limits.append(self.tokenizer.model_max_length)
+        return min(limit for limit in limits if isinstance(limit, int) and 0 < limit < _NO_LIMIT)
+
+    def tokenize(self, texts: Sequence[str], **options: Any) -> BatchEncoding:
+        """Texts -> padded token ids and attention mask on the encoder's device, truncated to
+        max_length tokens."""
         tokens = self.tokenizer(
-            list(batch),
+            list(texts),
             padding=True,
             truncation=True,
             max_length=self.max_length,
             return_tensors="pt",
+            **options,
         )
-        mask = tokens["attention_mask"].to(self.device)
-        hidden = self.model(
-            input_ids=tokens["input_ids"].to(self.device), attention_mask=mask, use_cache=False
-        ).last_hidden_state
-        return pool(hidden, self.spec.pooling, mask)
+        return tokens.to(self.device)
+
+    def pixels(self, images: torch.Tensor) -> torch.Tensor:
+        """Preprocessed images on the encoder's device, in the dtype of its first weights."""
+        return images.to(self.device, dtype=next(self.model.parameters()).dtype)
+
+    def _resolve_preprocessing(self) -> dict[str, Any]:
+        """The entry's preprocessing; for images an entry may leave it out, and it is then
+        read from the checkpoint folder's preprocessor_config.json."""
+        settings = dict(self.spec.preprocessing)
+        if self.spec.modality in ("image", "pair") and "image_size" not in settings:
+            if self.weights.folder is None:
+                raise UserError(
+                    f"{self.spec.where}: key 'preprocessing' needs image_size, mean and std "
+                    "for --weights tiny (with real weights they are read from the checkpoint)"
+                )
+            settings = {**preprocessing_from_folder(self.weights.folder), **settings}
+        if self.tokenizer is not None:
+            settings.setdefault("max_length", self.max_length)
+        return settings
+
+    def pooled(self) -> str:
+        """Which outputs were pooled, and how (recorded in the provenance)."""
+        return self.spec.pooling_meaning
 
     def provenance(self) -> dict[str, Any]:
-        backend_json = self.tokenizer.backend_tokenizer.to_str()
-        return {
-            **super().provenance(),
-            "tokenizer": {
+        """What identifies this encoder's outputs, beyond the spec."""
+        method = "tiny" if self.weights.kind == "tiny" else "folder"
+        provenance = {
+            "weights_fingerprint": self.weights_fingerprint,
+            "weights_fingerprint_method": FINGERPRINT_METHODS[method],
+            "model_config": json.loads(self.model.config.to_json_string(use_diff=False)),
+            "width": self.width,
+            "pooled": self.pooled(),
+            "l2_normalised": self.l2_normalised,
+            "preprocessing": self.preprocessing,
+        }
+        if self.tokenizer is not None:
+            backend = getattr(self.tokenizer, "backend_tokenizer", None)
+            serialised = (
+                backend.to_str() if backend is not None else str(self.tokenizer.get_vocab())
+            )
+            provenance["tokenizer"] = {
                 "vocab_size": len(self.tokenizer),
                 "pad_token": self.tokenizer.pad_token,
                 "padding_side": self.tokenizer.padding_side,
-                "sha256": hashlib.sha256(backend_json.encode()).hexdigest(),
-            },
-        }
+                "sha256": hashlib.sha256(serialised.encode()).hexdigest(),
+            }
+        return provenance
 
 
-LOADERS: dict[str, type[Encoder]] = {
-    "blip2-qformer": Blip2QFormerEncoder,
-    "decoder-text": DecoderTextEncoder,
-}
+def probe_width(encoder: Encoder, batch: Any) -> int:
+    """The output width of `encoder`, found by encoding one small `batch`."""
+    with torch.inference_mode():
+        return int(encoder.encode(batch).shape[-1])
 
 
-def load_encoder(
-    spec: EncoderSpec, weights: str, device: torch.device, dtype: torch.dtype
-) -> Encoder:
-    """Load the encoder `spec` describes from --weights `weights` ("tiny", "hub", a folder).
-
-    Raises:
-        UserError: an unknown loader, unavailable weights, or hub weights whose output
-            width differs from the registered one.
-    """
-    if spec.loader not in LOADERS:
-        raise UserError(
-            f"encoder {spec.name} ({spec.origin}): unknown loader '{spec.loader}'; "
-            f"known loaders: {', '.join(LOADERS)}"
-        )
-    encoder = LOADERS[spec.loader].load(spec, resolve_weights(spec, weights), device, dtype)
-    if encoder.weights.kind == "hub" and encoder.width != spec.width:
-        raise UserError(
-            f"{spec.source} gives {encoder.width}-d vectors but {spec.origin} says "
-            f"{spec.width}: correct its width"
-        )
-    return encoder
+def joint_embedding(output: Any) -> torch.Tensor:
+    """What get_image_features / get_text_features return: in transformers 5.x an output
+    whose pooler_output is the embedding, in 4.x the embedding itself."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output

@@ -1,28 +1,53 @@
-"""Rebuild the offline tokenizer that `--weights tiny` text encoders use.
+"""Rebuild the offline tokenizers that `--weights tiny` text encoders use.
 
-    python -m extract.make_tiny_tokenizer [--out extract/model_configs/tiny-zh-tokenizer]
+    python -m extract.make_tiny_tokenizer [--out-dir extract/model_configs]
 
-A byte-level BPE (the scheme LLaMA-3 uses) trained on the small corpus of Chinese
-laryngoscopy phrasing below: byte-level, so any text, Chinese or not, tokenises without
-unknown tokens. Like LLaMA-3's tokenizer it prepends <|begin_of_text|> and has no pad
-token (the text encoder sets one). After a rebuild, set `vocab_size` in the tiny config of
-every text encoder that uses it (tests/extract checks that they match).
+Three folders, each shaped like the real tokenizer of a family of encoders and trained or
+built on the small corpus of Chinese laryngoscopy phrasing below (plus the demo's report
+vocabulary):
+
+- tiny-zh-tokenizer: a byte-level BPE, the scheme LLaMA-3 uses. Like LLaMA-3's tokenizer
+  it prepends <|begin_of_text|> and has no pad token (the text encoder sets one).
+- tiny-clip-tokenizer: a lower-casing byte-level BPE that wraps each text in
+  <|startoftext|> ... <|endoftext|> and pads with <|endoftext|>, as CLIP's does; CLIP's
+  text tower pools the <|endoftext|> position.
+- tiny-bert-zh-tokenizer: a BERT WordPiece vocabulary ([CLS] ... [SEP]) of single
+  characters, which is how BERT tokenises Chinese; for the BERT-style towers (ALIGN,
+  Chinese-CLIP, BLIP-2's Q-Former, ViLT, your own BERT).
+
+Byte-level ones tokenise any text without unknown tokens; the WordPiece one maps
+characters outside its vocabulary to [UNK]. After a rebuild, set `vocab_size` in the tiny
+config of every encoder that uses one (tests/extract checks that they match).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Sequence
+import string
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import PreTrainedTokenizerFast
+from tokenizers import (
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
+from transformers import BertTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 BEGIN_OF_TEXT = "<|begin_of_text|>"
 END_OF_TEXT = "<|end_of_text|>"
+CLIP_START, CLIP_END = "<|startoftext|>", "<|endoftext|>"
+BERT_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+FULL_WIDTH_PUNCTUATION = "，。、；：？！（）“”‘’《》【】—…～×"
 TARGET_VOCAB_SIZE = 1536  # small, yet enough merges to cover whole words of the corpus
-DEFAULT_OUT = Path(__file__).parent / "model_configs" / "tiny-zh-tokenizer"
+MODEL_CONFIGS = Path(__file__).parent / "model_configs"
+# Where the demo's reports get their words: the WordPiece vocabulary takes its characters.
+DEMO_REPORTS_MODULE = Path(__file__).parents[1] / "pipeline" / "demo" / "reports.py"
 
 CORPUS = (
     "电子喉镜检查：鼻咽部黏膜光滑，未见新生物，咽隐窝对称。",
@@ -75,33 +100,56 @@ CORPUS = (
 )
 
 
-def train_tokenizer(corpus: Sequence[str], vocab_size: int = TARGET_VOCAB_SIZE) -> Tokenizer:
-    """Train a byte-level BPE on `corpus`; ids 0 and 1 are the begin/end-of-text tokens."""
+def train_tokenizer(
+    corpus: Sequence[str],
+    vocab_size: int = TARGET_VOCAB_SIZE,
+    begin: str = BEGIN_OF_TEXT,
+    end: str = END_OF_TEXT,
+    wrap_with_end: bool = False,
+    lowercase: bool = False,
+) -> Tokenizer:
+    """Train a byte-level BPE on `corpus`; ids 0 and 1 are the begin/end-of-text tokens.
+
+    Args:
+        begin, end: the special tokens, prepended (and with `wrap_with_end` appended).
+        lowercase: lower-case texts first, as CLIP's tokenizer does.
+    """
     tokenizer = Tokenizer(models.BPE())
+    if lowercase:
+        tokenizer.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[BEGIN_OF_TEXT, END_OF_TEXT],
+        special_tokens=[begin, end],
         # Every byte is in the vocabulary, so no text ever needs an unknown token.
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tokenizer.train_from_iterator(corpus, trainer)
+    special_ids = [(begin, tokenizer.token_to_id(begin)), (end, tokenizer.token_to_id(end))]
+    if wrap_with_end:
+        single, pair = f"{begin} $A {end}", f"{begin} $A {end} {begin} $B {end}"
+    else:
+        single, pair = f"{begin} $A", f"{begin} $A {begin} $B"
+        special_ids = special_ids[:1]
     tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{BEGIN_OF_TEXT} $A",
-        pair=f"{BEGIN_OF_TEXT} $A {BEGIN_OF_TEXT} $B",
-        special_tokens=[(BEGIN_OF_TEXT, tokenizer.token_to_id(BEGIN_OF_TEXT))],
+        single=single, pair=pair, special_tokens=special_ids
     )
     return tokenizer
 
 
-def save_tokenizer(tokenizer: Tokenizer, folder: Path) -> PreTrainedTokenizerFast:
-    """Save `tokenizer` as a folder that `AutoTokenizer.from_pretrained` loads offline."""
+def save_tokenizer(
+    tokenizer: Tokenizer, folder: Path, **special_tokens: str
+) -> PreTrainedTokenizerFast:
+    """Save `tokenizer` as a folder that `AutoTokenizer.from_pretrained` loads offline.
+
+    Args:
+        special_tokens: bos_token, eos_token, pad_token ... (default: LLaMA-3's, no pad).
+    """
     wrapped = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
-        bos_token=BEGIN_OF_TEXT,
-        eos_token=END_OF_TEXT,
+        **(special_tokens or {"bos_token": BEGIN_OF_TEXT, "eos_token": END_OF_TEXT}),
         model_input_names=["input_ids", "attention_mask"],
     )
     wrapped.save_pretrained(folder)
@@ -113,12 +161,65 @@ def save_tokenizer(tokenizer: Tokenizer, folder: Path) -> PreTrainedTokenizerFas
     return wrapped
 
 
+def _string_literals_of(module: Path) -> str:
+    """All text of a Python file; the characters of its Chinese phrases are what we need."""
+    return module.read_text(encoding="utf-8")
+
+
+def wordpiece_vocabulary(texts: Sequence[str]) -> list[str]:
+    """BERT special tokens, printable ASCII, full-width punctuation and every non-ASCII
+    character of `texts` (after BERT's lower-casing normaliser), each also as a word
+    continuation (##x): WordPiece turns a whole word into [UNK] when one piece is missing."""
+    normaliser = normalizers.BertNormalizer(lowercase=True, handle_chinese_chars=False)
+    characters = {char for text in texts for char in normaliser.normalize_str(text)}
+    characters |= set(FULL_WIDTH_PUNCTUATION)
+    wide = sorted(char for char in characters if ord(char) > 127 and not char.isspace())
+    ascii_tokens = [char for char in string.printable if not char.isspace() and not char.isupper()]
+    pieces = [*ascii_tokens, *wide]
+    return [*BERT_SPECIAL_TOKENS, *pieces, *("##" + piece for piece in pieces)]
+
+
+def build_bert_tokenizer(folder: Path, texts: Sequence[str]) -> PreTrainedTokenizerBase:
+    """Write a lower-casing BERT WordPiece tokenizer whose vocabulary covers `texts`."""
+    vocabulary = {token: index for index, token in enumerate(wordpiece_vocabulary(texts))}
+    tokenizer = BertTokenizer(vocab=vocabulary, do_lower_case=True)
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def _llama_like(folder: Path) -> PreTrainedTokenizerBase:
+    return save_tokenizer(train_tokenizer(CORPUS), folder)
+
+
+def _clip_like(folder: Path) -> PreTrainedTokenizerBase:
+    tokenizer = train_tokenizer(
+        CORPUS, 1024, CLIP_START, CLIP_END, wrap_with_end=True, lowercase=True
+    )
+    return save_tokenizer(
+        tokenizer, folder, bos_token=CLIP_START, eos_token=CLIP_END, pad_token=CLIP_END
+    )
+
+
+def _bert_like(folder: Path) -> PreTrainedTokenizerBase:
+    return build_bert_tokenizer(folder, [*CORPUS, _string_literals_of(DEMO_REPORTS_MODULE)])
+
+
+TOKENIZERS: dict[str, Callable[[Path], PreTrainedTokenizerBase]] = {
+    "tiny-zh-tokenizer": _llama_like,
+    "tiny-clip-tokenizer": _clip_like,
+    "tiny-bert-zh-tokenizer": _bert_like,
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder to write")
+    parser.add_argument(
+        "--out-dir", type=Path, default=MODEL_CONFIGS, help="folder to write the tokenizers into"
+    )
     args = parser.parse_args()
-    saved = save_tokenizer(train_tokenizer(CORPUS), args.out)
-    print(f"wrote {args.out}: vocabulary of {len(saved)} tokens")
+    for name, build in TOKENIZERS.items():
+        saved = build(args.out_dir / name)
+        print(f"wrote {args.out_dir / name}: vocabulary of {len(saved)} tokens")
 
 
 if __name__ == "__main__":

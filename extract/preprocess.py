@@ -1,11 +1,13 @@
-"""Image preprocessing built from an encoder spec alone, and the dataset that applies it.
+"""Image preprocessing built from an encoder spec alone, and the datasets that apply it.
 
-For BLIP-2 this is what its image processor does: RGB, resize to a square with the given
-interpolation (no crop), scale to [0, 1], normalise per channel.
+RGB, resize, optionally centre-crop, scale to [0, 1], normalise per channel. Two resizes
+cover the registered encoders: "square" (BLIP-2, Chinese-CLIP, ALIGN before its crop, ViLT)
+and "shortest_edge" then a centre crop (CLIP), as their image processors do.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,19 +27,39 @@ INTERPOLATIONS = {
 }
 
 
+RESIZES = ("square", "shortest_edge")
+# Hugging Face image processors store PIL's resampling filter as its number.
+_PIL_FILTER_NAMES = {3: "bicubic", 2: "bilinear", 0: "nearest"}
+
+
 @dataclass(frozen=True)
 class ImageTransform:
     """PIL image -> float32 tensor [3, size, size] (a dataclass: DataLoader workers pickle it)."""
 
-    image_size: int  # pixels per side after resizing
+    image_size: int  # pixels per side after a square resize, or of the shorter side
     mean: tuple[float, float, float]  # per RGB channel, on the [0, 1] scale
     std: tuple[float, float, float]
     interpolation: str  # a key of INTERPOLATIONS
+    resize: str = "square"  # one of RESIZES
+    crop_size: int = 0  # side of the centre crop after resizing; 0: no crop
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        resized = image.convert("RGB").resize(
-            (self.image_size, self.image_size), INTERPOLATIONS[self.interpolation]
-        )
+        image = image.convert("RGB")
+        if self.resize == "square":
+            size = (self.image_size, self.image_size)
+        else:  # the shorter side becomes image_size, the longer keeps the aspect ratio
+            width, height = image.size
+            scale = self.image_size / min(width, height)
+            size = (
+                (self.image_size, int(height * scale))
+                if width <= height
+                else (int(width * scale), self.image_size)
+            )
+        resized = image.resize(size, INTERPOLATIONS[self.interpolation])
+        if self.crop_size:
+            width, height = resized.size
+            left, top = (width - self.crop_size) // 2, (height - self.crop_size) // 2
+            resized = resized.crop((left, top, left + self.crop_size, top + self.crop_size))
         channels_first = np.asarray(resized, dtype=np.float32).transpose(2, 0, 1)
         # (pixel / 255 - mean) / std as one multiply-add: decoding is the bottleneck on a CPU.
         mean, std = np.asarray(self.mean, np.float32), np.asarray(self.std, np.float32)
@@ -51,22 +73,71 @@ def image_transform(preprocessing: Mapping[str, Any]) -> ImageTransform:
     """The transform an image encoder's spec describes.
 
     Raises:
-        UserError: an unknown interpolation or a missing key.
+        UserError: an unknown interpolation or resize, or a missing key.
     """
     interpolation = preprocessing.get("interpolation", "bicubic")
     if interpolation not in INTERPOLATIONS:
         raise UserError(
             f"preprocessing interpolation '{interpolation}' is not one of {list(INTERPOLATIONS)}"
         )
+    resize = preprocessing.get("resize", "square")
+    if resize not in RESIZES:
+        raise UserError(f"preprocessing resize '{resize}' is not one of {list(RESIZES)}")
+    image_size = preprocessing.get("image_size")
+    # Batches need one shape: a shortest-edge resize must be followed by a square crop.
+    crop_size = int(preprocessing.get("crop_size", image_size if resize == "shortest_edge" else 0))
     try:
         return ImageTransform(
             image_size=int(preprocessing["image_size"]),
             mean=tuple(preprocessing["mean"]),
             std=tuple(preprocessing["std"]),
             interpolation=interpolation,
+            resize=resize,
+            crop_size=crop_size,
         )
     except KeyError as error:
         raise UserError(f"image preprocessing lacks {error}") from None
+
+
+def _side(size: Any) -> tuple[str, int]:
+    """A Hugging Face size setting -> (resize, pixels)."""
+    if isinstance(size, int):
+        return "square", size
+    if "shortest_edge" in size:
+        return "shortest_edge", int(size["shortest_edge"])
+    if size.get("height") != size.get("width"):
+        raise UserError(f"non-square image size {size} is not supported; set image_size")
+    return "square", int(size["height"])
+
+
+def preprocessing_from_folder(folder: Path) -> dict[str, Any]:
+    """Image preprocessing read from a checkpoint's preprocessor_config.json.
+
+    Raises:
+        UserError: the folder has no such file, or one this module cannot follow; the
+            message says to give the settings in the registry entry instead.
+    """
+    path = Path(folder) / "preprocessor_config.json"
+    fix = "give preprocessing (image_size, mean, std) in the registry entry"
+    try:
+        processor = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise UserError(f"{path} is missing or unreadable: {fix}") from None
+    try:
+        resize, image_size = _side(processor["size"])
+        settings: dict[str, Any] = {"image_size": image_size, "resize": resize}
+        if processor.get("do_center_crop", resize == "shortest_edge") and "crop_size" in processor:
+            settings["crop_size"] = _side(processor["crop_size"])[1]
+        if processor.get("do_normalize", True):
+            settings["mean"], settings["std"] = processor["image_mean"], processor["image_std"]
+        elif processor.get("rescale_offset"):  # pixels to [-1, 1], as EfficientNet's does
+            settings["mean"], settings["std"] = [0.5] * 3, [0.5] * 3
+        else:
+            settings["mean"], settings["std"] = [0.0] * 3, [1.0] * 3
+        settings["interpolation"] = _PIL_FILTER_NAMES[int(processor.get("resample", 3))]
+    except (KeyError, TypeError, ValueError) as error:
+        raise UserError(f"{path}: cannot follow its setting {error}: {fix}") from None
+    return settings
 
 
 class ImageFiles(Dataset):
@@ -85,3 +156,19 @@ class ImageFiles(Dataset):
                 return self.transform(image)
         except OSError as error:  # PIL's "cannot identify image file" is one
             raise UserError(f"cannot decode image {self.paths[index]}: {error}") from None
+
+
+class ImageTextPairs(Dataset):
+    """(image tensor, report) per index, for pair encoders; the reports are normalised text."""
+
+    def __init__(
+        self, paths: Sequence[Path], texts: Sequence[str], transform: ImageTransform
+    ) -> None:
+        self.images = ImageFiles(paths, transform)
+        self.texts = list(texts)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+        return self.images[index], self.texts[index]

@@ -1,4 +1,5 @@
-"""The extract stage: encode each unique image or report of a manifest once, into HDF5.
+"""The extract stage: encode each unique image, report or image-report pair of a manifest
+once, into HDF5.
 
 Works as a plain process and under `accelerate launch`: every process takes a contiguous
 share of the unique items, the vectors are gathered on every process, and only the main
@@ -8,6 +9,7 @@ process writes the file.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -24,12 +26,13 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from cache.store import FeatureSet, write_features
-from extract.encoders import Encoder, load_encoder, torch_dtype
-from extract.preprocess import ImageFiles, image_transform
-from extract.registry import POOLINGS, EncoderSpec, available_encoders, get_spec
+from extract.encoders import Encoder, torch_dtype
+from extract.loaders import load_encoder
+from extract.preprocess import ImageFiles, ImageTextPairs, image_transform
+from extract.registry import LOADERS, EncoderSpec, Registry, load_registry
 from pipeline.config import config_to_dict, require_paths, setting
 from pipeline.errors import UserError
-from pipeline.keys import KEY_SCHEMES, file_key, normalise_text, text_key
+from pipeline.keys import KEY_SCHEMES, file_key, normalise_text, pair_key, text_key
 from pipeline.manifest import image_file, load_manifest
 
 RECORDED_PACKAGES = ("torch", "transformers", "accelerate", "tokenizers", "numpy", "h5py")
@@ -41,8 +44,14 @@ class ExtractConfig:
 
     model: str = setting(
         "",
-        f"registered encoder: {', '.join(available_encoders())} "
-        "(one JSON file each in extract/model_configs/)",
+        "registered encoder: a built-in one (listed above; one JSON file each in "
+        "extract/model_configs/) or one of --registry's",
+    )
+    registry: str = setting(
+        "",
+        "YAML (or JSON) file of your own encoders, added to the built-in ones: each "
+        "top-level name maps to source (a local Hugging Face folder or hub id), modality "
+        "and pooling (see README); python -m extract --list --registry FILE shows them",
     )
     weights: str = setting(
         "tiny",
@@ -58,8 +67,8 @@ class ExtractConfig:
     pooling: str = setting(
         "auto",
         "how tokens become one vector, part of the features' identity: auto (the encoder's "
-        f"registered pooling), image {'|'.join(POOLINGS['image'])} (over the Q-Former queries "
-        f"| query 0), text {'|'.join(POOLINGS['text'])} (over real tokens | last real token)",
+        "registered pooling) or one its loader offers: "
+        + "; ".join(f"{name} {'|'.join(loader.poolings)}" for name, loader in LOADERS.items()),
     )
     batch_size: int = setting(32, "images or reports per forward pass, per process")
     device: str = setting(
@@ -82,36 +91,52 @@ class UniqueItems:
     """The distinct contents of a manifest column, each to be encoded once."""
 
     keys: list[str]  # content keys (pipeline.keys), in order of first appearance
-    inputs: list[Any]  # per key what the encoder reads: an image file or a normalised report
-    sources: dict[str, str]  # manifest image_path -> key; empty for reports
+    # per key what the encoder reads: an image file, a normalised report, or both (a pair)
+    inputs: list[Any]
+    sources: dict[str, str]  # manifest image_path -> image key; empty for reports
 
 
 def unique_items(table: pd.DataFrame, manifest_path: str | Path, modality: str) -> UniqueItems:
-    """Key every image file (by its bytes) or report (by its normalised text) of `table`."""
-    if modality == "image":
+    """Key every image file (by its bytes), report (by its normalised text) or image-report
+    pair (by both keys) of `table`."""
+    if modality in ("image", "pair"):
         sources = {
             path: file_key(image_file(manifest_path, path)) for path in table["image_path"].unique()
         }
+    if modality == "image":
         file_of_key: dict[str, Path] = {}
         for path, key in sources.items():  # identical files under two names: encode one
             file_of_key.setdefault(key, image_file(manifest_path, path))
         return UniqueItems(list(file_of_key), list(file_of_key.values()), sources)
+    if modality == "pair":
+        pair_of_key: dict[str, tuple[Path, str]] = {}
+        for path, report in zip(table["image_path"], table["report_text"], strict=True):
+            key = pair_key(sources[path], text_key(report))
+            pair_of_key.setdefault(key, (image_file(manifest_path, path), normalise_text(report)))
+        return UniqueItems(list(pair_of_key), list(pair_of_key.values()), sources)
     text_of_key: dict[str, str] = {}
     for report in table["report_text"]:
         text_of_key.setdefault(text_key(report), normalise_text(report))
     return UniqueItems(list(text_of_key), list(text_of_key.values()), {})
 
 
-def _resolve_spec(config: ExtractConfig) -> EncoderSpec:
-    spec = get_spec(config.model)
+def _resolve_spec(config: ExtractConfig, registry: Registry) -> EncoderSpec:
+    spec = registry.get(config.model)
     if config.pooling == "auto":
         return spec
-    if config.pooling not in POOLINGS[spec.modality]:
+    poolings = LOADERS[spec.loader].poolings
+    if config.pooling not in poolings:
         raise UserError(
-            f"--pooling {config.pooling}: {spec.name} encodes {spec.modality}s, whose poolings "
-            f"are auto, {', '.join(POOLINGS[spec.modality])}"
+            f"--pooling {config.pooling}: {spec.name} is a {spec.loader} encoder of "
+            f"{spec.modality}s, whose poolings are auto, {', '.join(poolings)}"
         )
     return dataclasses.replace(spec, pooling=config.pooling)
+
+
+def _warn_about_broken_entries(registry: Registry, model: str) -> None:
+    problems = [problem for name, problem in sorted(registry.broken.items()) if name != model]
+    for problem in [*problems, *registry.ignored]:
+        print(f"warning: skipped a registry entry: {problem}", file=sys.stderr)
 
 
 def _process_state(device_name: str) -> PartialState:
@@ -132,9 +157,16 @@ def _device(name: str, state: PartialState) -> torch.device:
 
 
 def _batches(encoder: Encoder, inputs: list[Any], config: ExtractConfig) -> Iterable[Any]:
-    if encoder.spec.modality == "image":
+    if encoder.spec.modality in ("image", "pair"):
+        transform = image_transform(encoder.preprocessing)
+        if encoder.spec.modality == "image":
+            dataset = ImageFiles(inputs, transform)
+        else:
+            dataset = ImageTextPairs(
+                [path for path, _ in inputs], [text for _, text in inputs], transform
+            )
         return DataLoader(
-            ImageFiles(inputs, image_transform(encoder.spec.preprocessing)),
+            dataset,
             batch_size=config.batch_size,
             num_workers=config.num_workers,
             pin_memory=encoder.device.type == "cuda",
@@ -172,6 +204,7 @@ def _provenance(
         "modality": spec.modality,
         "source": spec.source,
         "loader": spec.loader,
+        "registry_entry": spec.origin,
         "weights": config.weights,
         "weights_folder": str(encoder.weights.folder) if encoder.weights.folder else None,
         **encoder.provenance(),
@@ -179,7 +212,6 @@ def _provenance(
         "dtype": config.dtype,
         "device_type": encoder.device.type,
         "num_processes": state.num_processes,
-        "preprocessing": dict(spec.preprocessing),
         "key_scheme": KEY_SCHEMES[spec.modality],
         "package_versions": {name: metadata.version(name) for name in RECORDED_PACKAGES},
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -189,20 +221,23 @@ def _provenance(
 
 
 def run(config: ExtractConfig) -> Path:
-    """Encode every unique image or report of the manifest once and write the feature file.
+    """Encode every unique image, report or pair of the manifest once; write the feature file.
 
     Returns:
         The path of the feature file.
 
     Raises:
-        UserError: an unknown encoder, a bad manifest (checked before any encoder loads),
-            unavailable weights, or an unusable device or dtype.
+        UserError: an unknown or broken encoder entry, a bad manifest (checked before any
+            encoder loads), unavailable weights, or an unusable device or dtype.
     """
     require_paths(config, "model", "manifest", "out")
-    spec = _resolve_spec(config)
+    registry = load_registry(config.registry)
+    spec = _resolve_spec(config, registry)
     # Reports can be re-encoded where the images are not (a laptop, another LLM).
-    table = load_manifest(config.manifest, config.classes, check_images=spec.modality == "image")
+    table = load_manifest(config.manifest, config.classes, check_images=spec.modality != "text")
     state = _process_state(config.device)
+    if state.is_main_process:
+        _warn_about_broken_entries(registry, config.model)
     device = _device(config.device, state)
     dtype = torch_dtype(config.dtype, device)
     encoder = load_encoder(spec, config.weights, device, dtype)

@@ -10,15 +10,18 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 from huggingface_hub import constants as hub_constants
+from PIL import Image
 
 from cache.store import read_features, read_provenance
 from extract.__main__ import main
-from extract.encoders import load_encoder
-from extract.registry import get_spec
+from extract.loaders import load_encoder
+from extract.preprocess import image_transform
+from extract.registry import built_in_entry, get_spec
 from extract.run import ExtractConfig, run
 from pipeline.errors import UserError
-from pipeline.keys import KEY_SCHEMES, file_key, text_key
+from pipeline.keys import KEY_SCHEMES, file_key, pair_key, text_key
 from pipeline.manifest import image_file
 
 PROVENANCE_FIELDS = (
@@ -47,13 +50,26 @@ def _config(model: str, manifest: Path, out: Path, **overrides) -> ExtractConfig
     )
 
 
+def _image_key(manifest: Path, path: str) -> str:
+    return file_key(image_file(manifest, path))
+
+
 def _expected_keys(model: str, table: pd.DataFrame, manifest: Path) -> set[str]:
-    if get_spec(model).modality == "image":
-        return {file_key(image_file(manifest, path)) for path in table["image_path"]}
+    modality = get_spec(model).modality
+    if modality == "image":
+        return {_image_key(manifest, path) for path in table["image_path"]}
+    if modality == "pair":
+        return {
+            pair_key(_image_key(manifest, path), text_key(report))
+            for path, report in zip(table["image_path"], table["report_text"], strict=True)
+        }
     return {text_key(report) for report in table["report_text"]}
 
 
-@pytest.mark.parametrize("model", ["blip2-qformer", "llama3"])
+UNIQUE_ITEMS = {"image": 4, "text": 3, "pair": 6}  # of the small manifest (see conftest)
+
+
+@pytest.mark.parametrize("model", ["blip2-qformer", "llama3", "vilt"])
 def test_run_writes_one_vector_per_unique_content(
     model: str, small_table: pd.DataFrame, small_manifest: Path, tmp_path: Path
 ) -> None:
@@ -63,14 +79,14 @@ def test_run_writes_one_vector_per_unique_content(
     features = read_features(first)
     spec = get_spec(model)
     assert set(features.keys) == _expected_keys(model, small_table, small_manifest)
-    assert len(features.keys) == (4 if spec.modality == "image" else 3)
+    assert len(features.keys) == UNIQUE_ITEMS[spec.modality]
     assert features.vectors.dtype == np.float32
     assert features.vectors.shape == (len(features.keys), features.provenance["width"])
     repeated = read_features(again)
     assert repeated.keys == features.keys
     np.testing.assert_array_equal(repeated.vectors, features.vectors)
 
-    if spec.modality == "image":
+    if spec.modality in ("image", "pair"):
         assert features.sources == {
             path: file_key(image_file(small_manifest, path)) for path in small_table["image_path"]
         }
@@ -96,14 +112,14 @@ def test_pooling_override_is_recorded(small_manifest: Path, tmp_path: Path) -> N
     assert read_provenance(out)["pooling"] == "first"
 
 
-@pytest.mark.parametrize("model", ["blip2-qformer", "llama3"])
+@pytest.mark.parametrize("model", ["blip2-qformer", "llama3", "blip2-vit", "clip-text", "vilt"])
 def test_folder_weights_give_the_tiny_vectors(
     model: str, small_manifest: Path, tmp_path: Path
 ) -> None:
     tiny = load_encoder(get_spec(model), "tiny", torch.device("cpu"), torch.float32)
     folder = tmp_path / "checkpoint"
     tiny.model.save_pretrained(folder)
-    if hasattr(tiny, "tokenizer"):
+    if tiny.tokenizer is not None:
         tiny.tokenizer.save_pretrained(folder)
 
     from_tiny = read_features(run(_config(model, small_manifest, tmp_path / "tiny.h5")))
@@ -187,8 +203,8 @@ def test_reports_are_encoded_without_the_images(
     assert read_features(run(_config("llama3", manifest, tmp_path / "text.h5"))).keys
 
 
-def test_pooling_must_suit_the_modality(small_manifest: Path, tmp_path: Path) -> None:
-    with pytest.raises(UserError, match="--pooling last: blip2-qformer encodes images"):
+def test_pooling_must_suit_the_loader(small_manifest: Path, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="--pooling last: blip2-qformer is a blip2-qformer encoder"):
         run(_config("blip2-qformer", small_manifest, tmp_path / "f.h5", pooling="last"))
 
 
@@ -196,10 +212,10 @@ def test_unknown_model_lists_the_available_names(
     small_manifest: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     with pytest.raises(SystemExit) as exited:
-        main(_cli("vilt", small_manifest, tmp_path / "f.h5"))
+        main(_cli("vilt-large", small_manifest, tmp_path / "f.h5"))
     assert exited.value.code == 2
     message = capsys.readouterr().err
-    assert "unknown encoder 'vilt'" in message
+    assert "unknown encoder 'vilt-large'" in message
     assert "blip2-qformer" in message and "llama3" in message
 
 
@@ -231,3 +247,78 @@ def test_half_precision_on_cpu_is_refused(small_manifest: Path, tmp_path: Path) 
     )
     with pytest.raises(UserError, match="needs a GPU"):
         run(config)
+
+
+def test_pair_vectors_are_read_back_by_image_and_report(
+    small_table: pd.DataFrame, small_manifest: Path, tmp_path: Path
+) -> None:
+    # What a reader does without the images: image_path -> image key from the file's
+    # sources, the report's key from its text, the pair's key from both.
+    features = read_features(run(_config("vilt", small_manifest, tmp_path / "vilt.h5")))
+    assert features.provenance["modality"] == "pair"
+    assert features.provenance["key_scheme"] == KEY_SCHEMES["pair"]
+    keys = [
+        pair_key(features.sources[path], text_key(report))
+        for path, report in zip(small_table["image_path"], small_table["report_text"], strict=True)
+    ]
+    vectors = features.vectors[features.rows_of(keys, "vilt.h5")]
+
+    # Row 4 pairs image a with report 1; encoded alone it gives the stored vector.
+    encoder = load_encoder(get_spec("vilt"), "tiny", torch.device("cpu"), torch.float32)
+    image = image_transform(encoder.preprocessing)
+    with Image.open(image_file(small_manifest, "images/a.png")) as picture:
+        pixels = image(picture)[None]
+    with torch.inference_mode():
+        alone = encoder.encode((pixels, [small_table["report_text"][4].strip()]))
+    np.testing.assert_allclose(vectors[4], alone[0].numpy(), atol=1e-5, rtol=1e-5)
+    # The same image with another report is another vector.
+    assert not np.allclose(vectors[4], vectors[0])
+    # A copy of image a (row 5) is keyed by content: the pair (a, report 2).
+    assert keys[5] == pair_key(
+        features.sources["images/a.png"], text_key(small_table["report_text"][5])
+    )
+
+
+def test_tiny_weights_for_an_entry_without_tiny_config_say_what_to_pass(
+    small_manifest: Path, tmp_path: Path
+) -> None:
+    registry = tmp_path / "mine.yaml"
+    registry.write_text("my-bert:\n  source: some/bert\n  modality: text\n  pooling: mean\n")
+    config = _config("my-bert", small_manifest, tmp_path / "f.h5", registry=str(registry))
+    with pytest.raises(
+        UserError, match="has no tiny_config, which --weights tiny needs: pass --weights hub"
+    ):
+        run(config)
+
+
+def test_an_entry_s_width_is_checked_against_its_source_folder(
+    small_manifest: Path, tmp_path: Path
+) -> None:
+    tiny = load_encoder(get_spec("llama3"), "tiny", torch.device("cpu"), torch.float32)
+    tiny.model.save_pretrained(tmp_path / "llm")
+    tiny.tokenizer.save_pretrained(tmp_path / "llm")
+    registry = tmp_path / "mine.yaml"
+    registry.write_text(
+        "my-llm:\n  source: llm\n  modality: text\n  loader: decoder-text\n"
+        "  pooling: last\n  width: 4096\n"
+    )
+    config = _config(
+        "my-llm", small_manifest, tmp_path / "f.h5", registry=str(registry), weights="hub"
+    )
+    with pytest.raises(
+        UserError, match="gives 64-d vectors but .*mine.yaml, encoder 'my-llm' says 4096"
+    ):
+        run(config)
+
+
+def test_a_broken_user_entry_leaves_the_others_usable_with_a_warning(
+    small_manifest: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    entries = {"my-llama": built_in_entry("llama3"), "broken": {"modality": "text"}}
+    registry = tmp_path / "mine.yaml"
+    registry.write_text(yaml.safe_dump(entries, allow_unicode=True), encoding="utf-8")
+    out = run(_config("my-llama", small_manifest, tmp_path / "f.h5", registry=str(registry)))
+    assert read_provenance(out)["encoder"] == "my-llama"
+    err = capsys.readouterr().err.splitlines()
+    (warning,) = [line for line in err if line.startswith("warning")]
+    assert warning.startswith(f"warning: skipped a registry entry: {registry}, encoder 'broken'")

@@ -1,0 +1,235 @@
+"""Encoders for whole families of checkpoints that transformers' Auto classes load.
+
+A user entry with one of these loaders needs no code: a decoder LLM (decoder-text), a
+BERT-style text encoder (encoder-text), a ViT-style image encoder (encoder-image), one tower
+of a CLIP-style dual encoder (dual-encoder), or ViLT (vilt).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from transformers import PretrainedConfig
+from transformers.modeling_utils import PreTrainedModel
+
+from extract.encoders import Encoder, auto_model_class, joint_embedding, pool, probe_width
+from pipeline.errors import UserError
+
+# PromptEOL (Jiang et al., 2023): the report inside a template that asks for one word, so
+# the last token's state must summarise the report. In Chinese, as the reports are.
+DEFAULT_PROMPT_TEMPLATE = "这份喉镜报告：“{report}”用一个词概括是：“"
+PAIR_SEED = 0  # ViLT draws a random order of its image patches on every forward pass
+
+
+class AutoModelEncoder(Encoder):
+    """An encoder whose weights are the base model (no task head) AutoModel picks."""
+
+    @staticmethod
+    def model_class(config: PretrainedConfig) -> type[PreTrainedModel]:
+        # from_pretrained on a *ForCausalLM / *ForMaskedLM checkpoint keeps the base model
+        # and skips the head.
+        return auto_model_class(config)
+
+
+class DecoderTextEncoder(AutoModelEncoder):
+    """Texts -> a decoder LLM's last hidden states, pooled over the report's tokens.
+
+    Any decoder that AutoModel loads (LLaMA, Qwen, Mistral, ...) fits: a new one is an entry
+    with "loader": "decoder-text".
+    """
+
+    def _resolve_preprocessing(self) -> dict[str, Any]:
+        settings = super()._resolve_preprocessing()
+        if self.spec.pooling == "prompt":
+            template = settings.setdefault("prompt_template", DEFAULT_PROMPT_TEMPLATE)
+            if not isinstance(template, str) or template.count("{report}") != 1:
+                raise UserError(
+                    f"{self.spec.where}, key 'preprocessing.prompt_template': must contain "
+                    f"{{report}} exactly once, got {template!r}"
+                )
+        return settings
+
+    @property
+    def width(self) -> int:
+        return self.model.config.hidden_size
+
+    def _added_special_tokens(self) -> tuple[list[int], list[int]]:
+        """The ids the tokenizer puts before and after a text (LLaMA-3: <|begin_of_text|>)."""
+        plain = self.tokenizer("声", add_special_tokens=False)["input_ids"]
+        wrapped = self.tokenizer("声")["input_ids"]
+        start = next(
+            index
+            for index in range(len(wrapped) - len(plain) + 1)
+            if wrapped[index : index + len(plain)] == plain
+        )
+        return wrapped[:start], wrapped[start + len(plain) :]
+
+    def _prompt_tokens(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """[leading special tokens] + template prefix + report + template suffix, right
+        padded; only the report is truncated, so every row ends with the template's end."""
+        prefix, suffix = self.preprocessing["prompt_template"].split("{report}")
+        leading, _ = self._added_special_tokens()
+        prefix_ids = self.tokenizer(prefix, add_special_tokens=False)["input_ids"]
+        suffix_ids = self.tokenizer(suffix, add_special_tokens=False)["input_ids"]
+        budget = self.max_length - len(leading) - len(prefix_ids) - len(suffix_ids)
+        if budget < 1:
+            raise UserError(
+                f"{self.spec.where}: the prompt template alone fills max_length "
+                f"({self.max_length} tokens); raise preprocessing.max_length"
+            )
+        reports = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        rows = [leading + prefix_ids + ids[:budget] + suffix_ids for ids in reports]
+        input_ids = torch.full(
+            (len(rows), max(map(len, rows))), self.tokenizer.pad_token_id, dtype=torch.long
+        )
+        mask = torch.zeros_like(input_ids)
+        for row, ids in enumerate(rows):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            mask[row, : len(ids)] = 1
+        return {"input_ids": input_ids.to(self.device), "attention_mask": mask.to(self.device)}
+
+    def encode(self, batch: Sequence[str]) -> torch.Tensor:
+        """Texts -> [N, hidden size], truncated to max_length tokens."""
+        if self.spec.pooling == "prompt":
+            tokens = self._prompt_tokens(batch)
+            pooled_mask = tokens["attention_mask"]
+        else:
+            tokens = self.tokenize(batch, return_special_tokens_mask=True)
+            pooled_mask = tokens["attention_mask"]
+            if self.spec.pooling == "mean":
+                # The begin-of-text state is the same for every report and, in LLaMA, huge.
+                pooled_mask = pooled_mask * (1 - tokens["special_tokens_mask"])
+        hidden = self.model(
+            input_ids=tokens["input_ids"],
+            attention_mask=tokens["attention_mask"],
+            use_cache=False,
+        ).last_hidden_state
+        return pool(
+            hidden, "last" if self.spec.pooling == "prompt" else self.spec.pooling, pooled_mask
+        )
+
+    def pooled(self) -> str:
+        leading, trailing = self._added_special_tokens()
+        added = self.tokenizer.convert_ids_to_tokens(leading + trailing)
+        if self.spec.pooling == "mean":
+            return (
+                "mean of the last hidden states over the report's own tokens; left out: "
+                f"padding and the special tokens the tokenizer adds ({', '.join(added) or 'none'})"
+            )
+        if self.spec.pooling == "last":
+            return (
+                "last hidden state of each row's last real token (padding left out; the "
+                f"tokenizer adds {', '.join(added) or 'no special tokens'})"
+            )
+        return (
+            "last hidden state of the prompt's last token: tokens are "
+            f"[{', '.join(self.tokenizer.convert_ids_to_tokens(leading)) or 'none'}] + "
+            "template prefix + report (only it truncated) + template suffix, each part "
+            "tokenised alone; template in preprocessing.prompt_template"
+        )
+
+
+class EncoderTextEncoder(AutoModelEncoder):
+    """Texts -> a BERT-style encoder's last hidden states, mean or [CLS] pooled."""
+
+    unused_weights = (r"^pooler\.",)  # the NSP pooler; absent from masked-LM checkpoints
+
+    @property
+    def width(self) -> int:
+        return self.model.config.hidden_size
+
+    def encode(self, batch: Sequence[str]) -> torch.Tensor:
+        """Texts -> [N, hidden size], truncated to max_length tokens."""
+        tokens = self.tokenize(batch)
+        hidden = self.model(
+            input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]
+        ).last_hidden_state
+        return pool(
+            hidden, "first" if self.spec.pooling == "cls" else "mean", tokens["attention_mask"]
+        )
+
+
+class EncoderImageEncoder(AutoModelEncoder):
+    """Images -> a ViT-style encoder's last hidden states: class token or mean of patches."""
+
+    unused_weights = (r"^pooler\.",)  # e.g. ViT's pooler, absent from classifier checkpoints
+
+    @property
+    def width(self) -> int:
+        return self.model.config.hidden_size
+
+    def encode(self, batch: torch.Tensor) -> torch.Tensor:
+        """Preprocessed images [N, 3, size, size] -> [N, hidden size]."""
+        hidden = self.model(pixel_values=self.pixels(batch)).last_hidden_state
+        if hidden.ndim != 3:
+            raise UserError(
+                f"{self.spec.where}: the encoder-image loader needs token outputs "
+                f"[N, tokens, width] (ViT-style); this model gives shape {tuple(hidden.shape)}"
+            )
+        if self.spec.pooling == "cls":
+            return hidden[:, 0].float()
+        return pool(hidden[:, 1:], "mean")
+
+
+class DualEncoder(AutoModelEncoder):
+    """One tower of a CLIP-style dual encoder: images or texts -> the joint-space embedding.
+
+    The whole model is loaded (both towers), as the checkpoints store it; only the entry's
+    modality runs.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Output widths differ by family (ALIGN's image side has no projection): measure.
+        if self.spec.modality == "image":
+            side = int(self.preprocessing.get("crop_size") or self.preprocessing["image_size"])
+            self._width = probe_width(self, torch.zeros(1, 3, side, side))
+        else:
+            self._width = probe_width(self, ["声"])
+
+    @property
+    def width(self) -> int:
+        return self._width
+
+    def encode(self, batch: Any) -> torch.Tensor:
+        """Preprocessed images [N, 3, size, size] or texts -> [N, embedding width]."""
+        if self.spec.modality == "image":
+            output = self.model.get_image_features(pixel_values=self.pixels(batch))
+        else:
+            tokens = self.tokenize(batch)
+            output = self.model.get_text_features(
+                input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]
+            )
+        return joint_embedding(output).float()
+
+
+class ViltEncoder(AutoModelEncoder):
+    """(image, report) pairs -> one ViLT vector per pair."""
+
+    @property
+    def width(self) -> int:
+        return self.model.config.hidden_size
+
+    def encode(self, batch: tuple[torch.Tensor, Sequence[str]]) -> torch.Tensor:
+        """(preprocessed images [N, 3, size, size], N reports) -> [N, hidden size]."""
+        images, texts = batch
+        tokens = self.tokenize(texts)
+        pixel_values = self.pixels(images)
+        pixel_mask = torch.ones(
+            (pixel_values.shape[0], *pixel_values.shape[2:]), dtype=torch.long, device=self.device
+        )
+        # ViLT shuffles its patches (with their position embeddings) on each pass: the
+        # result is order-free up to rounding, and seeded so reruns give the same bits.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(PAIR_SEED)
+            outputs = self.model(
+                input_ids=tokens["input_ids"],
+                attention_mask=tokens["attention_mask"],
+                pixel_values=pixel_values,
+                pixel_mask=pixel_mask,
+            )
+        if self.spec.pooling == "pooler":
+            return outputs.pooler_output.float()
+        return outputs.last_hidden_state[:, 0].float()
