@@ -176,13 +176,17 @@ def _markdown(tables: Mapping[str, pd.DataFrame], runs: Mapping[str, Any], class
     ]
     per_trial = tables["per_trial"]
     one_class = per_trial[(per_trial["head"] == "head") & (per_trial["predicted_classes@0.5"] < 2)]
+    one_class_sets = [split for split in SET_TITLES if split in sets]
     lines += _markdown_table(
         [
             "model",
             "learning rate",
             "kept epochs",
             "heads that fell back to the last epoch",
-            "trials whose head puts a whole set in one class (0.5 cut)",
+            *(
+                f"trials with one class for every {split} pair (0.5 cut)"
+                for split in one_class_sets
+            ),
         ],
         [
             [
@@ -190,7 +194,10 @@ def _markdown(tables: Mapping[str, pd.DataFrame], runs: Mapping[str, Any], class
                 f"{rows['learning_rate'].iloc[0]:g}",
                 ", ".join(str(int(epoch)) for epoch in rows["best_epoch"]),
                 str(int(rows["fallback_to_last_epoch"].sum())),
-                str(int((one_class["model"] == model).sum())),
+                *(
+                    str(int(((one_class["model"] == model) & (one_class["set"] == split)).sum()))
+                    for split in one_class_sets
+                ),
             ]
             for model, rows in kept.groupby("model", sort=False)
         ],
