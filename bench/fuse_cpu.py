@@ -57,14 +57,14 @@ REAL_WIDTHS = {
     ("blip2-qformer", "image"): 1024,  # the paper's image vector
     ("llama3", "text"): 4096,
     ("blip2-vit", "image"): 1408,
-    ("clip", "image"): 768,
-    ("clip", "text"): 768,
-    ("align", "image"): 640,
-    ("align", "text"): 640,
-    ("blip2-text", "text"): 768,
+    ("clip-image", "image"): 768,
+    ("clip-text", "text"): 768,
+    ("align-image", "image"): 640,
+    ("align-text", "text"): 640,
+    ("blip2-text", "text"): 256,
     ("vilt", "pair"): 768,
-    ("chinese-clip", "image"): 512,
-    ("chinese-clip", "text"): 512,
+    ("chinese-clip-image", "image"): 512,
+    ("chinese-clip-text", "text"): 512,
 }
 RESULTS = Path(__file__).parent / "results" / "fuse_cpu.json"
 
