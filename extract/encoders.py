@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from huggingface_hub import constants as hub_constants
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
@@ -223,7 +224,7 @@ def auto_model_class(config: PretrainedConfig) -> type[PreTrainedModel]:
         return MODEL_MAPPING[type(config)]
     except KeyError:
         raise UserError(
-            f"transformers {__import__('transformers').__version__} has no model for "
+            f"transformers {transformers.__version__} has no model for "
             f"'{config.model_type}' checkpoints"
         ) from None
 

@@ -161,8 +161,8 @@ def save_tokenizer(
     return wrapped
 
 
-def _string_literals_of(module: Path) -> str:
-    """All text of a Python file; the characters of its Chinese phrases are what we need."""
+def _file_text(module: Path) -> str:
+    """The whole text of a source file: the characters of its Chinese phrases are what count."""
     return module.read_text(encoding="utf-8")
 
 
@@ -201,7 +201,7 @@ def _clip_like(folder: Path) -> PreTrainedTokenizerBase:
 
 
 def _bert_like(folder: Path) -> PreTrainedTokenizerBase:
-    return build_bert_tokenizer(folder, [*CORPUS, _string_literals_of(DEMO_REPORTS_MODULE)])
+    return build_bert_tokenizer(folder, [*CORPUS, _file_text(DEMO_REPORTS_MODULE)])
 
 
 TOKENIZERS: dict[str, Callable[[Path], PreTrainedTokenizerBase]] = {
