@@ -31,13 +31,16 @@ def test_dvc_repro_runs_every_stage_and_writes_metrics(tmp_path):
     result = subprocess.run(["dvc", "repro"], cwd=tmp_path, capture_output=True, text=True)
 
     assert result.returncode == 0, result.stdout + result.stderr
-    for stage in ("demo", "extract_image", "extract_text", "fuse", "report"):
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+    for stage in stages:
         assert f"Running stage '{stage}'" in result.stdout
     reports = tmp_path / "reports"
     manifest = pd.read_csv(tmp_path / "data" / "demo" / "manifest.csv", dtype=str)
     predictions = pd.read_parquet(reports / "protocol" / "predictions.parquet")
-    assert len(predictions) == len(manifest) * 3 * 2 * 2  # models x heads x trials
-    for model in ("M4", "M1", "M2"):
+    models = params["fuse"]["models"]
+    assert len(models) == 9  # M1-M4 and the five baselines
+    assert len(predictions) == len(manifest) * len(models) * 2 * 2  # models x heads x trials
+    for model in models:
         metrics = json.loads((reports / "metrics" / f"{model}.json").read_text())
         assert 0.0 <= metrics["test_auc"] <= 1.0 and 0.0 <= metrics["external_auc"] <= 1.0
     assert "Table 4" in (reports / "tables.md").read_text()
