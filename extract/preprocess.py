@@ -1,13 +1,15 @@
 """Image preprocessing built from an encoder spec alone, and the datasets that apply it.
 
-RGB, resize, optionally centre-crop, scale to [0, 1], normalise per channel. Two resizes
-cover the registered encoders: "square" (BLIP-2, Chinese-CLIP, ALIGN before its crop, ViLT)
-and "shortest_edge" then a centre crop (CLIP), as their image processors do.
+RGB (by `to_rgb`'s rule), resize, optionally centre-crop, scale to [0, 1], normalise per
+channel. Two resizes cover the registered encoders: "square" (BLIP-2, Chinese-CLIP, ALIGN
+before its crop, ViLT) and "shortest_edge" then a centre crop (CLIP), as their image
+processors do.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from pipeline.errors import UserError
@@ -28,8 +30,76 @@ INTERPOLATIONS = {
 
 
 RESIZES = ("square", "shortest_edge")
+# Modes holding one intensity per pixel on a 16-bit scale: PNG and TIFF 16-bit grayscale.
+_WIDE_GRAY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+_UNIT16_TO_UNIT8 = 255 / 65535
 # Hugging Face image processors store PIL's resampling filter as its number.
 _PIL_FILTER_NAMES = {3: "bicubic", 2: "bilinear", 0: "nearest"}
+
+
+class ImageTooLarge(ValueError):
+    """An image with more pixels than PIL.Image.MAX_IMAGE_PIXELS (see `decode_image`)."""
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """The 8-bit RGB image an encoder sees, by one rule for every kind of file.
+
+    - Animated GIF/PNG/WebP, multi-page TIFF: the first frame.
+    - EXIF orientation is applied (a phone photo tagged "rotate 90" is encoded upright, so
+      its width and height swap).
+    - 16-bit (and 32-bit integer or float) grayscale is read on the 16-bit scale,
+      0..65535, and scaled to 0..255 (PIL's own conversion clips it, which turns
+      every pixel above 255 white); values outside the scale are clipped.
+    - Transparency (RGBA, LA, PA, palette or RGB with a transparent colour) is composited
+      onto black: transparent pixels hold arbitrary colours, and black is what surrounds
+      the field of view in an endoscope frame.
+    - CMYK, YCbCr, 1-bit, palette and the rest: PIL's conversion (embedded ICC colour
+      profiles are not applied).
+    - Any size, down to 1x1, is kept: the transform resizes afterwards.
+
+    Returns the image itself when it is already RGB and upright (no copy).
+    """
+    if getattr(image, "n_frames", 1) > 1:
+        image.seek(0)
+    image = ImageOps.exif_transpose(image) if _orientation(image) != 1 else image
+    if image.mode in _WIDE_GRAY_MODES:
+        intensities = np.asarray(image, dtype=np.float32) * _UNIT16_TO_UNIT8
+        gray = np.clip(np.rint(intensities), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, "L").convert("RGB")
+    if image.has_transparency_data:
+        rgba = image.convert("RGBA")
+        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(black, rgba).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _orientation(image: Image.Image) -> int:
+    # 0x0112 is the EXIF Orientation tag; 1 means "stored upright".
+    return int(image.getexif().get(0x0112, 1) or 1)
+
+
+def decode_image(path: Path) -> Image.Image:
+    """Decode an image file completely and convert it by `to_rgb`'s rule.
+
+    Size policy: an image with more pixels than PIL.Image.MAX_IMAGE_PIXELS (PIL's
+    decompression-bomb threshold, 89,478,485 by default: about 9,459 x 9,459; an
+    endoscope frame has about 2 million) is refused rather than decoded with PIL's
+    warning, because decoding it could exhaust memory. Raise that limit in PIL if your
+    images are larger.
+
+    Raises:
+        ImageTooLarge: above the size limit.
+        OSError: not an image (PIL.UnidentifiedImageError), unreadable, truncated or
+            corrupt; SyntaxError, ValueError or EOFError from some decoders of damaged files.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.load()
+                return to_rgb(image)
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
+        raise ImageTooLarge(f"{path}: {error}") from None
 
 
 @dataclass(frozen=True)
@@ -44,7 +114,7 @@ class ImageTransform:
     crop_size: int = 0  # side of the centre crop after resizing; 0: no crop
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        image = image.convert("RGB")
+        image = to_rgb(image)
         if self.resize == "square":
             size = (self.image_size, self.image_size)
         else:  # the shorter side becomes image_size, the longer keeps the aspect ratio
@@ -152,9 +222,8 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, index: int) -> torch.Tensor:
         try:
-            with Image.open(self.paths[index]) as image:
-                return self.transform(image)
-        except OSError as error:  # PIL's "cannot identify image file" is one
+            return self.transform(decode_image(self.paths[index]))
+        except (OSError, SyntaxError, ValueError, EOFError) as error:
             raise UserError(f"cannot decode image {self.paths[index]}: {error}") from None
 
 

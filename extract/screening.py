@@ -1,0 +1,91 @@
+"""Screening: which images and reports cannot be encoded, and why, in a few words.
+
+The extraction pass that reads every file asks these before encoding; an item with a
+reason is skipped and recorded with that reason instead of stopping the run. Reasons are
+fixed strings, so skipped items can be counted by reason.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from PIL import UnidentifiedImageError
+
+from extract.preprocess import ImageTooLarge, decode_image
+
+MISSING = "missing"
+ZERO_BYTE = "zero-byte"
+NOT_AN_IMAGE = "not an image"
+UNDECODABLE = "truncated or undecodable"
+TOO_LARGE = "too large"
+EMPTY = "empty"
+WHITESPACE_ONLY = "whitespace-only"
+CONTROL_CHARACTERS = "control characters"
+
+# How image formats begin: a file that starts like one but does not open is a damaged
+# image, not some other kind of file.
+_IMAGE_SIGNATURES = (
+    b"\x89PNG\r\n\x1a\n",
+    b"\xff\xd8\xff",  # JPEG
+    b"GIF87a",
+    b"GIF89a",
+    b"BM",
+    b"II*\x00",  # TIFF, little-endian
+    b"MM\x00*",  # TIFF, big-endian
+    b"RIFF",  # WebP
+)
+# C0 controls except tab, line feed and carriage return, DEL, and the C1 controls. Typed
+# text never holds them; they come from binary data or from text decoded with the wrong
+# encoding (UTF-8 read as Latin-1 yields C1 characters).
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+def screen_image(path: Path) -> str | None:
+    """None for an image that decodes completely, else why it cannot be encoded.
+
+    Decodes the whole file with the same code extraction uses (`decode_image`), so a
+    file that passes here also decodes there.
+
+    Returns:
+        None, or one of "missing", "zero-byte", "not an image" (a file of another kind,
+        e.g. text named .png), "truncated or undecodable" (starts like an image but its
+        data is cut short or corrupt), "too large" (over PIL.Image.MAX_IMAGE_PIXELS).
+    """
+    path = Path(path)
+    if not path.is_file():
+        return MISSING
+    if path.stat().st_size == 0:
+        return ZERO_BYTE
+    try:
+        decode_image(path)
+    except ImageTooLarge:
+        return TOO_LARGE
+    except UnidentifiedImageError:
+        return UNDECODABLE if _starts_like_an_image(path) else NOT_AN_IMAGE
+    except (OSError, SyntaxError, ValueError, EOFError):
+        return UNDECODABLE
+    return None
+
+
+def _starts_like_an_image(path: Path) -> bool:
+    with path.open("rb") as handle:
+        head = handle.read(16)
+    return head.startswith(_IMAGE_SIGNATURES)
+
+
+def screen_report(text: str) -> str | None:
+    """None for a report that can be encoded, else why not.
+
+    Returns:
+        None, or one of "empty", "whitespace-only", "control characters" (any of U+0000
+        to U+001F other than tab, line feed and carriage return, U+007F, or U+0080 to
+        U+009F).
+    """
+    if not text:
+        return EMPTY
+    if not text.strip():
+        return WHITESPACE_ONLY
+    if _CONTROL.search(text):
+        return CONTROL_CHARACTERS
+    return None
