@@ -55,6 +55,28 @@ class DecoderTextEncoder(AutoModelEncoder):
     def width(self) -> int:
         return self.model.config.hidden_size
 
+    @property
+    def supports_windows(self) -> bool:
+        return self.spec.pooling == "mean"
+
+    def token_lengths(self, texts: Sequence[str]) -> list[int]:
+        if self.spec.pooling != "prompt":
+            return super().token_lengths(texts)
+        template = sum(map(len, self._template_tokens()))
+        reports = self.tokenizer(list(texts), add_special_tokens=False, verbose=False)
+        return [template + len(ids) for ids in reports["input_ids"]]
+
+    def _template_tokens(self) -> tuple[list[int], list[int], list[int]]:
+        """The ids around a report in prompt pooling: leading special tokens, the template's
+        prefix and its suffix, each part tokenised alone."""
+        prefix, suffix = self.preprocessing["prompt_template"].split("{report}")
+        leading, _ = self._added_special_tokens()
+        return (
+            leading,
+            self.tokenizer(prefix, add_special_tokens=False)["input_ids"],
+            self.tokenizer(suffix, add_special_tokens=False)["input_ids"],
+        )
+
     def _added_special_tokens(self) -> tuple[list[int], list[int]]:
         """The ids the tokenizer puts before and after a text (LLaMA-3: <|begin_of_text|>)."""
         plain = self.tokenizer("声", add_special_tokens=False)["input_ids"]
@@ -69,18 +91,20 @@ class DecoderTextEncoder(AutoModelEncoder):
     def _prompt_tokens(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """[leading special tokens] + template prefix + report + template suffix, right
         padded; only the report is truncated, so every row ends with the template's end."""
-        prefix, suffix = self.preprocessing["prompt_template"].split("{report}")
-        leading, _ = self._added_special_tokens()
-        prefix_ids = self.tokenizer(prefix, add_special_tokens=False)["input_ids"]
-        suffix_ids = self.tokenizer(suffix, add_special_tokens=False)["input_ids"]
+        leading, prefix_ids, suffix_ids = self._template_tokens()
         budget = self.max_length - len(leading) - len(prefix_ids) - len(suffix_ids)
         if budget < 1:
             raise UserError(
                 f"{self.spec.where}: the prompt template alone fills max_length "
                 f"({self.max_length} tokens); raise preprocessing.max_length"
             )
-        reports = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        reports = self.tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
+        self._count_long([len(ids) + self.max_length - budget for ids in reports])
         rows = [leading + prefix_ids + ids[:budget] + suffix_ids for ids in reports]
+        return self._right_padded(rows)
+
+    def _right_padded(self, rows: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
+        """Rows of token ids -> input_ids and attention_mask, right padded, on the device."""
         input_ids = torch.full(
             (len(rows), max(map(len, rows))), self.tokenizer.pad_token_id, dtype=torch.long
         )
@@ -90,8 +114,41 @@ class DecoderTextEncoder(AutoModelEncoder):
             mask[row, : len(ids)] = 1
         return {"input_ids": input_ids.to(self.device), "attention_mask": mask.to(self.device)}
 
+    def _windows(self, texts: Sequence[str]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Each text as windows of at most max_length tokens: the leading special tokens,
+        then a stretch of the text. Consecutive stretches share window_overlap tokens, which
+        the later window reads as context but does not pool.
+
+        Returns:
+            the model inputs (one row per window) with "pooled_mask" (1 on the tokens the
+            window contributes to its text's mean), and the text index of each row.
+        """
+        leading, trailing = self._added_special_tokens()
+        budget = self.max_length - len(leading) - len(trailing)  # text tokens per window
+        overlap = self.preprocessing["window_overlap"]
+        step = budget - overlap
+        reports = self.tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
+        self._count_long([len(ids) + len(leading) + len(trailing) for ids in reports])
+        rows, text_of_row, pooled_from = [], [], []
+        for text, ids in enumerate(reports):
+            for start in range(0, max(len(ids) - budget, 0) + step, step):
+                rows.append(leading + ids[start : start + budget] + trailing)
+                text_of_row.append(text)
+                pooled_from.append(len(leading) + (overlap if start else 0))
+        tokens = self._right_padded(rows)
+        positions = torch.arange(tokens["input_ids"].shape[1], device=self.device)
+        ends = torch.tensor([len(row) - len(trailing) for row in rows], device=self.device)
+        starts = torch.tensor(pooled_from, device=self.device)
+        tokens["pooled_mask"] = (
+            (positions >= starts[:, None]) & (positions < ends[:, None])
+        ).long()
+        return tokens, torch.tensor(text_of_row, device=self.device)
+
     def encode(self, batch: Sequence[str]) -> torch.Tensor:
-        """Texts -> [N, hidden size], truncated to max_length tokens."""
+        """Texts -> [N, hidden size], truncated to max_length tokens, or with long_reports:
+        windows, the mean over every token of the text (each pooled in one window)."""
+        if self.preprocessing["long_reports"] == "windows":
+            return self._encode_windows(batch)
         if self.spec.pooling == "prompt":
             tokens = self._prompt_tokens(batch)
             pooled_mask = tokens["attention_mask"]
@@ -109,6 +166,22 @@ class DecoderTextEncoder(AutoModelEncoder):
         return pool(
             hidden, "last" if self.spec.pooling == "prompt" else self.spec.pooling, pooled_mask
         )
+
+    def _encode_windows(self, texts: Sequence[str]) -> torch.Tensor:
+        """The mean of each text's window means, weighted by the tokens each pools: the mean
+        over all its tokens, each read with up to max_length tokens of context."""
+        tokens, text_of_row = self._windows(texts)
+        hidden = self.model(
+            input_ids=tokens["input_ids"],
+            attention_mask=tokens["attention_mask"],
+            use_cache=False,
+        ).last_hidden_state.float()
+        weights = tokens["pooled_mask"].unsqueeze(-1).float()
+        sums = torch.zeros(len(texts), hidden.shape[-1], device=hidden.device)
+        sums.index_add_(0, text_of_row, (hidden * weights).sum(dim=1))
+        counts = torch.zeros(len(texts), device=hidden.device)
+        counts.index_add_(0, text_of_row, weights.sum(dim=(1, 2)))
+        return sums / counts.clamp(min=1).unsqueeze(-1)
 
     def pooled(self) -> str:
         leading, trailing = self._added_special_tokens()

@@ -55,6 +55,11 @@ FINGERPRINT_METHODS = {
     "(only the first and last MiB of files over 2 MiB)",
 }
 DEFAULT_MAX_LENGTH = 512  # tokens, when neither the entry nor the model sets a lower limit
+# preprocessing.long_reports: what happens to a text longer than max_length tokens.
+# "truncate" keeps its first max_length tokens (what the models were trained with);
+# "windows" encodes it in overlapping windows of max_length tokens and pools them (only
+# encoders whose pooling is a mean over tokens offer it: see Encoder.supports_windows).
+LONG_REPORTS = ("truncate", "windows")
 _FINGERPRINT_CHUNK = 1 << 20
 _NO_LIMIT = 1_000_000  # tokenizers without a length limit report a huge model_max_length
 
@@ -109,16 +114,30 @@ def resolve_weights(spec: EncoderSpec, weights: str) -> Weights:
 
 
 def torch_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The torch dtype called `name`; half precision only on a GPU.
+    """The torch dtype called `name`; float16 only on a GPU.
+
+    bfloat16 runs on a CPU too: CPUs with AVX-512 BF16 or AMX multiply in it several times
+    faster than in float32 (bench/extract_cpu.py measures both).
 
     Raises:
-        UserError: an unknown name, or half precision on a CPU.
+        UserError: an unknown name, or float16 on a CPU.
     """
     if name not in DTYPES:
         raise UserError(f"--dtype {name}: expected one of {', '.join(DTYPES)}")
-    if name != "float32" and device.type != "cuda":
-        raise UserError(f"--dtype {name} needs a GPU; this run is on {device}: use float32")
+    if name == "float16" and device.type != "cuda":
+        raise UserError(
+            f"--dtype {name} needs a GPU; this run is on {device}: use float32 or bfloat16"
+        )
     return DTYPES[name]
+
+
+def attention_implementation(model_class: type[PreTrainedModel]) -> str:
+    """PyTorch's fused scaled-dot-product attention where the architecture supports it
+    (BLIP-2, LLaMA, CLIP, BERT, ...), else transformers' eager attention (ALIGN, ViLT).
+
+    Recorded in the provenance: the two agree only up to rounding.
+    """
+    return "sdpa" if getattr(model_class, "_supports_sdpa", False) else "eager"
 
 
 def pool(hidden: torch.Tensor, pooling: str, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -291,6 +310,10 @@ class Encoder(ABC):
         self.device = model.device
         self.tokenizer = tokenizer
         self.preprocessing = self._resolve_preprocessing()
+        # Texts longer than max_length tokens met by encode() so far, by what was done to them
+        # (see run_record): cut to max_length, or encoded in windows.
+        self.truncated_reports = 0
+        self.windowed_reports = 0
 
     @classmethod
     def load(
@@ -315,10 +338,11 @@ class Encoder(ABC):
         dtype: torch.dtype,
     ) -> tuple[PreTrainedModel, str]:
         """The model in eval mode on `device`, and its weights' fingerprint."""
+        attention = attention_implementation(model_class)
         if weights.kind == "tiny":
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(TINY_SEED)
-                model = model_class(config)
+                model = model_class._from_config(config, attn_implementation=attention)
             fingerprint = parameters_fingerprint(model)
             return _place(model, device, dtype).eval(), fingerprint
         try:
@@ -326,6 +350,7 @@ class Encoder(ABC):
                 weights.folder,
                 config=config,
                 dtype=dtype,
+                attn_implementation=attention,
                 device_map={"": device},
                 local_files_only=True,
                 output_loading_info=True,
@@ -370,9 +395,42 @@ class Encoder(ABC):
             limits.append(self.tokenizer.model_max_length)
         return min(limit for limit in limits if isinstance(limit, int) and 0 < limit < _NO_LIMIT)
 
+    @property
+    def supports_windows(self) -> bool:
+        """Whether long_reports: windows is open to this encoder: its pooling must be a mean
+        over tokens, so that the windows' vectors pool into the text's (see Encoder.encode
+        of the subclasses that offer it)."""
+        return False
+
+    def token_lengths(self, texts: Sequence[str]) -> list[int]:
+        """Tokens each text takes before truncation, special tokens included: the length of
+        the row encode() builds for it, when that is at most max_length."""
+        encoded = self.tokenizer(list(texts), verbose=False)["input_ids"]
+        return [len(ids) for ids in encoded]
+
+    def _count_long(self, lengths: Sequence[int]) -> int:
+        """Count the texts over max_length (as truncated or windowed, by long_reports)."""
+        long = sum(length > self.max_length for length in lengths)
+        if self.preprocessing.get("long_reports") == "windows":
+            self.windowed_reports += long
+        else:
+            self.truncated_reports += long
+        return long
+
+    def run_record(self) -> dict[str, Any]:
+        """What happened to long texts in this process's encode() calls so far (counts of a
+        shard under several processes: sum them over processes)."""
+        return {
+            "max_length": self.max_length,
+            "long_reports": self.preprocessing.get("long_reports"),
+            "truncated_reports": self.truncated_reports,
+            "windowed_reports": self.windowed_reports,
+        }
+
     def tokenize(self, texts: Sequence[str], **options: Any) -> BatchEncoding:
         """Texts -> padded token ids and attention mask on the encoder's device, truncated to
-        max_length tokens."""
+        max_length tokens (counted in truncated_reports)."""
+        self._count_long(self.token_lengths(texts))
         tokens = self.tokenizer(
             list(texts),
             padding=True,
@@ -400,7 +458,33 @@ class Encoder(ABC):
             settings = {**preprocessing_from_folder(self.weights.folder), **settings}
         if self.tokenizer is not None:
             settings.setdefault("max_length", self.max_length)
+            self._resolve_long_reports(settings)
         return settings
+
+    def _resolve_long_reports(self, settings: dict[str, Any]) -> None:
+        """Check long_reports (default truncate) and, for windows, window_overlap: tokens of
+        left context each window after the first repeats from the one before, without
+        pooling them again (default a quarter of max_length)."""
+        mode = settings.setdefault("long_reports", "truncate")
+        if mode not in LONG_REPORTS:
+            raise UserError(
+                f"{self.spec.where}, key 'preprocessing.long_reports': expected one of "
+                f"{', '.join(LONG_REPORTS)}, got {mode!r}"
+            )
+        if mode == "truncate":
+            return
+        if not self.supports_windows:
+            raise UserError(
+                f"{self.spec.where}, key 'preprocessing.long_reports': windows needs a mean "
+                f"pooling of a decoder-text entry; {self.spec.loader} with pooling "
+                f"'{self.spec.pooling}' only truncates"
+            )
+        overlap = settings.setdefault("window_overlap", settings["max_length"] // 4)
+        if not isinstance(overlap, int) or not 0 <= overlap < settings["max_length"] // 2:
+            raise UserError(
+                f"{self.spec.where}, key 'preprocessing.window_overlap': expected a whole "
+                f"number of tokens from 0 to under half of max_length, got {overlap!r}"
+            )
 
     def pooled(self) -> str:
         """Which outputs were pooled, and how (recorded in the provenance)."""
@@ -413,6 +497,7 @@ class Encoder(ABC):
             "weights_fingerprint": self.weights_fingerprint,
             "weights_fingerprint_method": FINGERPRINT_METHODS[method],
             "model_config": json.loads(self.model.config.to_json_string(use_diff=False)),
+            "attention": self.model.config._attn_implementation,
             "width": self.width,
             "pooled": self.pooled(),
             "l2_normalised": self.l2_normalised,

@@ -28,9 +28,10 @@ from transformers import (
     EfficientNetImageProcessorPil,
     LlamaForCausalLM,
 )
+from transformers.modeling_utils import PreTrainedModel
 
 from extract.auto_encoders import DEFAULT_PROMPT_TEMPLATE
-from extract.encoders import Encoder, pool
+from extract.encoders import Encoder, pool, torch_dtype
 from extract.loaders import load_encoder
 from extract.preprocess import image_transform
 from extract.registry import LOADERS, get_spec, load_registry
@@ -366,3 +367,29 @@ def test_half_precision_keeps_the_qformer_in_float32() -> None:
         full = tiny_encoder("blip2-qformer").encode(_images(encoder.preprocessing))
     assert half.dtype == torch.float32
     torch.testing.assert_close(half, full, atol=0.1, rtol=0.1)
+
+
+@pytest.mark.parametrize("name", REGISTRY.names())
+def test_attention_is_sdpa_where_the_architecture_has_it(name: str) -> None:
+    encoder = tiny_encoder(name)
+    # ALIGN and ViLT have no SDPA path in transformers; everything else runs fused attention.
+    eager = REGISTRY.get(name).loader == "vilt" or name.startswith("align")
+    expected = "eager" if eager else "sdpa"
+    assert encoder.provenance()["attention"] == expected
+    assert {
+        module.config._attn_implementation
+        for module in encoder.model.modules()
+        if isinstance(module, PreTrainedModel)
+    } == {expected}
+
+
+@pytest.mark.parametrize("name", ["llama3", "blip2-vit"])
+def test_bfloat16_on_cpu_runs_with_sdpa_close_to_float32(name: str) -> None:
+    encoder = load_encoder(get_spec(name), "tiny", CPU, torch_dtype("bfloat16", CPU))
+    assert encoder.provenance()["attention"] == "sdpa"
+    with torch.inference_mode():
+        half = encoder.encode(tiny_inputs(encoder))
+        full = tiny_encoder(name).encode(tiny_inputs(encoder))
+    assert half.dtype == torch.float32
+    cosine = torch.nn.functional.cosine_similarity(half, full, dim=1)
+    assert (cosine > 0.99).all()
