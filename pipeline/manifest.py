@@ -1,24 +1,35 @@
 """The manifest: one row per image-report pair, and its validation.
 
-A manifest is a CSV or Parquet file. Image paths are relative to the manifest's folder.
-Validation runs before any encoder loads and reports the first problem it finds as one
-UserError naming the file, the column and the first offending rows.
+A manifest is a CSV (UTF-8, comma-separated) or Parquet file. Image paths are relative to
+the manifest's folder (or absolute) and must lie inside the image root: the manifest's
+folder unless the caller names another. Validation runs before any encoder loads and
+reports the first problem it finds as one UserError naming the file, the column and the
+first offending rows.
+
+Integrity rules: one image (by content when the images are checked, else by path) belongs
+to one patient, so it cannot be in two splits; a patient has one label, unless labels are
+per examination (`labels_per_exam`), when each exam has one.
 """
 
 from __future__ import annotations
 
+import io
+import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
 
 from pipeline.errors import UserError
-from pipeline.keys import text_key
+from pipeline.keys import file_key, text_key
 
 REQUIRED_COLUMNS = ("image_path", "report_text", "label", "patient_id")
 OPTIONAL_COLUMNS = ("exam_id", "split", "site")
 SPLITS = ("train", "val", "test", "external")
 _ROWS_SHOWN = 5
+# Separators spreadsheets write instead of commas (';' where the comma is the decimal mark).
+_OTHER_DELIMITERS = {";": "semicolons", "\t": "tabs", "|": "vertical bars"}
 
 
 def read_table(path: str | Path) -> pd.DataFrame:
@@ -30,7 +41,47 @@ def read_table(path: str | Path) -> pd.DataFrame:
         return pd.read_parquet(path).astype("string").fillna("")
     if path.suffix.lower() != ".csv":
         raise UserError(f"manifest {path}: expected a .csv or .parquet file")
-    return pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
+    data = path.read_bytes()
+    if not data:
+        raise UserError(f"manifest {path} is empty (0 bytes); expected a header line and rows")
+    try:
+        text = data.decode("utf-8")  # pandas drops the BOM of Excel's "CSV UTF-8"
+    except UnicodeDecodeError as error:
+        raise UserError(_not_utf8(path, data, error)) from None
+    try:
+        return pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
+    except pd.errors.ParserError as error:
+        detail = " ".join(str(error).split())  # pandas ends it with a newline
+        raise UserError(f"manifest {path} is not a well-formed CSV file: {detail}") from None
+
+
+def _not_utf8(path: Path, data: bytes, error: UnicodeDecodeError) -> str:
+    line = data[: error.start].count(b"\n") + 1
+    # Chinese Windows (and Excel there) saves GBK, where each Chinese character is two
+    # bytes above 0x7f; Western text in Latin-1 has accented letters one byte at a time.
+    non_ascii_runs = re.findall(rb"[\x80-\xff]+", data)
+    encoding = "gb18030" if all(len(run) % 2 == 0 for run in non_ascii_runs) else "latin1"
+    return (
+        f"manifest {path} is not UTF-8 (byte 0x{data[error.start]:02x} at offset "
+        f"{error.start}, line {line}); it reads as {encoding}: re-save it as UTF-8, e.g. "
+        f"iconv -f {encoding} -t utf-8 {path} > manifest-utf8.csv"
+    )
+
+
+def _missing_columns(path: Path, table: pd.DataFrame, missing: list[str]) -> str:
+    message = (
+        f"manifest {path}: missing column(s) {', '.join(missing)}; "
+        f"required columns are {', '.join(REQUIRED_COLUMNS)}"
+    )
+    if len(table.columns) == 1:
+        header = str(table.columns[0])
+        for delimiter, name in _OTHER_DELIMITERS.items():
+            if delimiter in header:
+                return (
+                    f"{message}. Its header is one column, {header!r}: the columns look "
+                    f"separated by {name}; save it comma-separated"
+                )
+    return message
 
 
 def _first_rows(mask: pd.Series) -> str:
@@ -48,34 +99,42 @@ def _fail(path: Path, column: str, mask: pd.Series, problem: str) -> None:
 
 
 def load_manifest(
-    path: str | Path, classes: Sequence[str], check_images: bool = True
+    path: str | Path,
+    classes: Sequence[str],
+    check_images: bool = True,
+    image_root: str | Path | None = None,
+    labels_per_exam: bool = False,
 ) -> pd.DataFrame:
     """Read and validate a manifest.
 
     Args:
         path: the CSV or Parquet file.
         classes: the allowed labels, negative class first.
-        check_images: also check that every image file exists (extraction needs the
-            images; training on cached features does not).
+        check_images: also check that every image lies inside `image_root`, exists, and
+            that no image content is under two patients (extraction reads the images;
+            training on cached features does not, and then images are compared by path).
+        image_root: the folder every image must lie in; None: the manifest's folder.
+        labels_per_exam: a patient's exams may have different labels (say, a benign
+            lesion at one visit and a carcinoma at the next); each exam still has one.
+            Exams are told apart by `exam_id` (by default one per patient and report).
 
     Returns:
         The table with every optional column present: `exam_id` defaults to one exam per
         patient and report, `split` and `site` to "".
 
     Raises:
-        UserError: a missing column, an empty value, an unknown label, a missing image,
-            an unknown split name or a patient in two splits.
+        UserError: an empty, non-UTF-8 or malformed file, a missing column, an empty
+            value, an unknown label, an image outside the image root or missing, an
+            unknown split name, a patient in two splits, one image under two patients,
+            or a patient (exam) with two labels.
     """
     path = Path(path)
     table = read_table(path)
     missing = [column for column in REQUIRED_COLUMNS if column not in table.columns]
     if missing:
-        raise UserError(
-            f"manifest {path}: missing column(s) {', '.join(missing)}; "
-            f"required columns are {', '.join(REQUIRED_COLUMNS)}"
-        )
+        raise UserError(_missing_columns(path, table, missing))
     if table.empty:
-        raise UserError(f"manifest {path} has no rows")
+        raise UserError(f"manifest {path} has a header but no rows")
     for column in REQUIRED_COLUMNS:
         table[column] = table[column].astype(str)
         _fail(path, column, table[column].str.strip() == "", "empty value")
@@ -95,10 +154,35 @@ def load_manifest(
         table["exam_id"] = table["exam_id"].where(table["exam_id"] != "", default_exam)
     _fail(path, "split", ~table["split"].isin(("", *SPLITS)), f"split not one of {SPLITS}")
     _check_one_split_per_patient(path, table)
+    # exam ids may be numbered per patient (1, 2, ...), so an exam is patient + exam id
+    exams = table["patient_id"] + "/" + table["exam_id"]
+    _conflict(path, table, "label", exams, "an exam has two labels")
+    if not labels_per_exam:
+        _conflict(
+            path,
+            table,
+            "label",
+            table["patient_id"],
+            "a patient has two labels (if a patient's exams may differ, allow labels per exam)",
+        )
     if check_images:
+        root = _root(path, image_root)
+        outside = ~table["image_path"].map(lambda image: _inside(_locate(path, image), root))
+        _fail(
+            path,
+            "image_path",
+            outside,
+            f"image outside the image root {root} (name a root that holds it)",
+        )
         folder = path.parent
-        absent = ~table["image_path"].map(lambda relative: (folder / relative).is_file())
+        absent = ~table["image_path"].map(lambda image: _locate(path, image).is_file())
         _fail(path, "image_path", absent, f"image file not found (paths are relative to {folder})")
+        identity = table["image_path"].map(lambda image: file_key(_locate(path, image)))
+        what = "the same image content"
+    else:
+        identity, what = table["image_path"].map(os.path.normpath), "the same image path"
+    # One image under two patients would let a test patient's image train the head.
+    _conflict(path, table, "patient_id", identity, f"{what} is under two patients")
     return table
 
 
@@ -123,6 +207,59 @@ def _check_one_split_per_patient(path: Path, table: pd.DataFrame) -> None:
     )
 
 
-def image_file(manifest_path: str | Path, relative_path: str) -> Path:
-    """Where an image named in a manifest lives on disk."""
-    return Path(manifest_path).parent / relative_path
+def _conflict(path: Path, table: pd.DataFrame, column: str, groups: pd.Series, problem: str):
+    """Raise naming the first two rows of the first group that holds two values of `column`."""
+    values_per_group = table.groupby(groups)[column].nunique()
+    conflicting = values_per_group[values_per_group > 1].index
+    if conflicting.empty:
+        return
+    rows = table[groups == conflicting[0]]
+    first = rows.index[0]
+    second = rows.index[rows[column] != rows.loc[first, column]][0]
+
+    def described(index: int) -> str:
+        row = table.loc[index]
+        split = f", split {row['split']}" if row["split"] else ""
+        return f"line {index + 2} (patient {row['patient_id']}, label {row['label']}{split})"
+
+    others = len(conflicting) - 1
+    raise UserError(
+        f"manifest {path}, column '{column}': {problem}: {described(first)} and "
+        f"{described(second)}" + (f" ({others} more like it)" if others else "")
+    )
+
+
+def _root(manifest_path: Path, image_root: str | Path | None) -> Path:
+    return Path(os.path.abspath(image_root if image_root is not None else manifest_path.parent))
+
+
+def _locate(manifest_path: Path, image: str) -> Path:
+    # abspath normalises '..' as written; symlinks are followed when reading, not judged.
+    return Path(os.path.abspath(manifest_path.parent / image))
+
+
+def _inside(location: Path, root: Path) -> bool:
+    return location.is_relative_to(root)
+
+
+def image_file(
+    manifest_path: str | Path, relative_path: str, image_root: str | Path | None = None
+) -> Path:
+    """Where an image named in a manifest lives on disk.
+
+    Args:
+        manifest_path: the manifest; relative image paths start from its folder.
+        relative_path: the manifest's `image_path` (relative or absolute).
+        image_root: the folder the image must lie in; None: the manifest's folder.
+
+    Raises:
+        UserError: the image lies outside the image root (as `../x.png` does by default).
+    """
+    manifest_path = Path(manifest_path)
+    location, root = _locate(manifest_path, relative_path), _root(manifest_path, image_root)
+    if not _inside(location, root):
+        raise UserError(
+            f"manifest {manifest_path}: image {relative_path} is outside the image root "
+            f"{root}; name a root that holds it (e.g. --image-root)"
+        )
+    return location

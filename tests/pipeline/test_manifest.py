@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from pipeline.errors import UserError
-from pipeline.manifest import load_manifest
+from pipeline.manifest import image_file, load_manifest
 
 CLASSES = ("VCD", "GC")
 
@@ -16,7 +16,8 @@ def write_manifest(folder: Path, rows: list[dict], images: bool = True) -> Path:
         (folder / "images").mkdir(exist_ok=True)
         for row in rows:
             if "image_path" in row:
-                (folder / row["image_path"]).write_bytes(b"png")
+                # distinct bytes per file: one content under two patients is an error
+                (folder / row["image_path"]).write_bytes(row["image_path"].encode())
     path = folder / "manifest.csv"
     pd.DataFrame(rows).to_csv(path, index=False)
     return path
@@ -100,3 +101,122 @@ def test_user_error_exits_2_with_one_line(tmp_path):
         f"error: manifest {path}: missing column(s) patient_id; "
         "required columns are image_path, report_text, label, patient_id"
     ]
+
+
+def one_line_error(path: Path, **options) -> str:
+    with pytest.raises(UserError) as caught:
+        load_manifest(path, CLASSES, **options)
+    message = str(caught.value)
+    assert "\n" not in message
+    return message
+
+
+def test_empty_file_and_header_only(tmp_path):
+    path = tmp_path / "manifest.csv"
+    path.write_bytes(b"")
+    assert "is empty (0 bytes)" in one_line_error(path)
+    path.write_text("image_path,report_text,label,patient_id\n")
+    assert "has a header but no rows" in one_line_error(path)
+
+
+@pytest.mark.parametrize(
+    ("encoding", "report", "expected"),
+    [
+        ("latin1", "lésion", "byte 0xe9 at offset 54, line 2); it reads as latin1"),
+        ("gbk", "声带白斑", "byte 0xc9 at offset 53, line 2); it reads as gb18030"),
+    ],
+)
+def test_not_utf8_names_the_byte_and_the_fix(tmp_path, encoding, report, expected):
+    path = tmp_path / "manifest.csv"
+    header = "image_path,report_text,label,patient_id\n"
+    path.write_bytes((header + f"images/a.png,{report},GC,1\n").encode(encoding))
+    message = one_line_error(path, check_images=False)
+    assert f"is not UTF-8 ({expected}" in message
+    assert f"iconv -f {expected.split()[-1]} -t utf-8 {path}" in message
+
+
+def test_utf8_with_byte_order_mark_is_read(tmp_path):
+    path = tmp_path / "manifest.csv"
+    pd.DataFrame(good_rows()).to_csv(path, index=False, encoding="utf-8-sig")
+    assert list(load_manifest(path, CLASSES, check_images=False).columns)[0] == "image_path"
+
+
+@pytest.mark.parametrize(("delimiter", "name"), [(";", "semicolons"), ("\t", "tabs")])
+def test_other_delimiter_is_named(tmp_path, delimiter, name):
+    path = tmp_path / "manifest.csv"
+    pd.DataFrame(good_rows()).to_csv(path, index=False, sep=delimiter)
+    message = one_line_error(path, check_images=False)
+    assert "missing column(s) image_path, report_text, label, patient_id" in message
+    assert f"separated by {name}; save it comma-separated" in message
+
+
+def test_malformed_csv(tmp_path):
+    path = tmp_path / "manifest.csv"
+    path.write_text("image_path,report_text,label,patient_id\na.png,x,GC,1\nb.png,y,GC,2,3,4\n")
+    assert "is not a well-formed CSV file" in one_line_error(path, check_images=False)
+
+
+def test_images_outside_the_manifest_folder_need_an_image_root(tmp_path):
+    folder = tmp_path / "study"
+    folder.mkdir()
+    (tmp_path / "shared").mkdir()
+    rows = good_rows()
+    rows[1]["image_path"] = "../shared/x.png"
+    rows[2]["image_path"] = str(tmp_path / "shared" / "y.png")  # absolute
+    path = write_manifest(folder, rows)
+    message = one_line_error(path)
+    assert f"image outside the image root {folder}" in message and "line(s) 3, 4" in message
+    with pytest.raises(UserError, match="outside the image root"):
+        image_file(path, "../shared/x.png")
+    # Named as the root, the common parent allows both; the checks that follow still run.
+    assert len(load_manifest(path, CLASSES, image_root=tmp_path)) == 4
+    assert image_file(path, "../shared/x.png", tmp_path) == tmp_path / "shared" / "x.png"
+    # Fuse reads no image, so it does not judge where they are.
+    assert len(load_manifest(path, CLASSES, check_images=False)) == 4
+
+
+def test_one_image_content_under_two_patients_names_both_lines(tmp_path):
+    rows = good_rows()
+    for row, split in zip(rows, ["train", "train", "test", "test"], strict=True):
+        row["split"] = split
+    path = write_manifest(tmp_path, rows)
+    (tmp_path / "images" / "3.png").write_bytes((tmp_path / "images" / "0.png").read_bytes())
+    message = one_line_error(path)
+    assert message.endswith(
+        "column 'patient_id': the same image content is under two patients: "
+        "line 2 (patient 000, label GC, split train) and "
+        "line 5 (patient 001, label GC, split test)"
+    )
+    assert len(load_manifest(path, CLASSES, check_images=False)) == 4  # paths differ
+
+
+def test_one_image_path_under_two_patients_without_the_images(tmp_path):
+    rows = good_rows()
+    rows[3]["image_path"] = "./images/0.png"
+    path = write_manifest(tmp_path, rows, images=False)
+    message = one_line_error(path, check_images=False)
+    assert "the same image path is under two patients: line 2 " in message
+    assert "and line 5 (patient 001" in message
+
+
+def test_a_patient_with_two_labels_unless_labels_are_per_exam(tmp_path):
+    rows = good_rows()
+    rows[1]["label"] = "VCD"
+    rows[1]["report_text"] = "另一次检查"
+    path = write_manifest(tmp_path, rows)
+    message = one_line_error(path)
+    assert "column 'label': a patient has two labels" in message
+    assert "line 2 (patient 000, label GC) and line 3 (patient 000, label VCD)" in message
+    # Two reports are two exams (the default exam id), each with one label.
+    assert len(load_manifest(path, CLASSES, labels_per_exam=True)) == 4
+    rows[1]["report_text"] = rows[0]["report_text"]  # now one exam with two labels
+    path = write_manifest(tmp_path, rows)
+    assert "an exam has two labels" in one_line_error(path, labels_per_exam=True)
+
+
+def test_exam_ids_are_counted_per_patient(tmp_path):
+    rows = good_rows()
+    for row in rows:
+        row["exam_id"] = "1"  # numbered per patient: patients 000 and 001 both have exam 1
+    rows[2]["label"] = rows[3]["label"] = "VCD"
+    assert len(load_manifest(write_manifest(tmp_path, rows), CLASSES)) == 4
