@@ -222,8 +222,11 @@ def train_head(
         model.train()
         epoch_loss = torch.zeros(())
         permutation = torch.randperm(len(train_rows), generator=order_generator)
-        with _autocast(settings.precision):
-            for batch in permutation.split(settings.batch_size):
+        for batch in permutation.split(settings.batch_size):
+            # One autocast region per step: autocast caches the bfloat16 copy of each weight
+            # until its region ends, so a region spanning several optimizer steps would run
+            # every forward of the epoch on the weights it started with.
+            with _autocast(settings.precision):
                 loss = training_loss(
                     model,
                     [x[batch] for x in train_inputs],
@@ -231,11 +234,11 @@ def train_head(
                     train_groups[batch],
                     settings,
                 )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                epoch_loss += loss.detach() * len(batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            epoch_loss += loss.detach() * len(batch)
         val_logits = predict_logits(model, val_inputs, settings.precision)
         record = {
             "epoch": epoch,

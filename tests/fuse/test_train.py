@@ -120,3 +120,24 @@ def test_bf16_training_stays_close_to_fp32():
         trained = train_head(head(), inputs, labels, groups, train, val, settings, seed=0)
         results[precision] = trained.history[-1]["val_loss"]
     assert math.isclose(results["fp32"], results["bf16"], rel_tol=0.05)
+
+
+def test_bf16_steps_see_the_weights_of_the_step_before():
+    """Within one epoch, each bf16 forward must use the weights the last step wrote (an
+    autocast region spanning the epoch would keep its first bfloat16 copies)."""
+    generator = torch.Generator().manual_seed(2)
+    labels = torch.randint(0, 2, (640,), generator=generator)
+    inputs = [
+        torch.randn(640, width, generator=generator) + 2.0 * labels[:, None] for width in (6, 10)
+    ]
+    groups = torch.arange(640)
+    train, val = torch.arange(0, 600), torch.arange(600, 640)
+    first_epoch_loss = {}
+    for precision in ("fp32", "bf16"):
+        settings = HeadSettings(
+            epochs=2, warmup_epochs=0, learning_rate=0.05, batch_size=20, precision=precision
+        )
+        torch.manual_seed(0)
+        trained = train_head(head(), inputs, labels, groups, train, val, settings, seed=0)
+        first_epoch_loss[precision] = trained.history[0]["train_loss"]
+    assert math.isclose(first_epoch_loss["fp32"], first_epoch_loss["bf16"], rel_tol=0.05)
