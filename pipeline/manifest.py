@@ -177,7 +177,7 @@ def load_manifest(
         folder = path.parent
         absent = ~table["image_path"].map(lambda image: _locate(path, image).is_file())
         _fail(path, "image_path", absent, f"image file not found (paths are relative to {folder})")
-        identity = table["image_path"].map(lambda image: file_key(_locate(path, image)))
+        identity = table["image_path"].map(lambda image: _content(_locate(path, image)))
         what = "the same image content"
     else:
         identity, what = table["image_path"].map(os.path.normpath), "the same image path"
@@ -227,6 +227,11 @@ def _conflict(path: Path, table: pd.DataFrame, column: str, groups: pd.Series, p
         f"manifest {path}, column '{column}': {problem}: {described(first)} and "
         f"{described(second)}" + (f" ({others} more like it)" if others else "")
     )
+
+
+def _content(image: Path) -> str:
+    # Empty files all hash alike but are not one image: extraction skips them as bad input.
+    return file_key(image) if image.stat().st_size else os.path.normpath(image)
 
 
 def _root(manifest_path: Path, image_root: str | Path | None) -> Path:

@@ -220,3 +220,10 @@ def test_exam_ids_are_counted_per_patient(tmp_path):
         row["exam_id"] = "1"  # numbered per patient: patients 000 and 001 both have exam 1
     rows[2]["label"] = rows[3]["label"] = "VCD"
     assert len(load_manifest(write_manifest(tmp_path, rows), CLASSES)) == 4
+
+
+def test_empty_image_files_are_not_one_image(tmp_path):
+    path = write_manifest(tmp_path, good_rows())
+    for name in ("0.png", "3.png"):
+        (tmp_path / "images" / name).write_bytes(b"")  # extraction skips them as zero-byte
+    assert len(load_manifest(path, CLASSES)) == 4
