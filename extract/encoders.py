@@ -197,7 +197,7 @@ def folder_fingerprint(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def _place(model: PreTrainedModel, device: torch.device, dtype: torch.dtype) -> PreTrainedModel:
+def place(model: PreTrainedModel, device: torch.device, dtype: torch.dtype) -> PreTrainedModel:
     """Move to `device` in `dtype`, keeping in float32 what the architecture keeps there
     (BLIP-2's Q-Former), as `from_pretrained` does."""
     model.to(device=device, dtype=dtype)
@@ -344,7 +344,7 @@ class Encoder(ABC):
                 torch.manual_seed(TINY_SEED)
                 model = model_class._from_config(config, attn_implementation=attention)
             fingerprint = parameters_fingerprint(model)
-            return _place(model, device, dtype).eval(), fingerprint
+            return place(model, device, dtype).eval(), fingerprint
         try:
             model, loading_info = model_class.from_pretrained(
                 weights.folder,

@@ -1,0 +1,389 @@
+"""How fast does `python -m extract` encode a demo-shaped data set on a CPU, against a naive
+loop and this machine's ceiling?
+
+On the demo's shape (pipeline.demo: 404 reports, about 5,800 image-report pairs, internal
+site only) with random-weight mid-size encoders of both architectures
+(bench/configs/blip2-mid-image.json: BLIP-2 ViT + Q-Former; bench/configs/llama-mid.json:
+LLaMA), saved with save_pretrained and added through a user registry file, in one run, side
+by side:
+
+1. the naive loop: for each pair, decode its image and encode it, then encode its report:
+   one forward per item, float32, no deduplication, no DataLoader workers. Timed on
+   --naive-pairs pairs spread over the manifest and scaled to all pairs (said in the
+   output); its vectors are compared with extract's;
+2. extract's code path (extract.run.run, what `python -m extract` runs): each unique image
+   and report once, in batches, with workers, in the precision measured faster here
+   (float32 and bfloat16 are both timed on a sample and printed);
+3. each encoder's achieved GFLOP/s (FLOPs from its config, bench/model_flops.py, times the
+   items, over the seconds spent inside encode) against a plain matmul of its MLP's shape
+   measured in this run, in float32 and bfloat16: this machine's ceiling;
+4. the padding share of the text batches.
+
+The mid-size configs keep the real pair's balance (a report costs LLaMA about 3x what an
+image costs the ViT; Llama-3-8B on a 75-token report vs ViT-g is about 2x). The last line
+ends in `ratio: N` (naive seconds over extract's). Writes bench/results/extract_cpu.json
+(not with --smoke).
+
+    python bench/extract_cpu.py                                    # full, a few minutes
+    python bench/extract_cpu.py --patients 100 --naive-pairs 40    # quicker
+    python bench/extract_cpu.py --smoke       # seconds, tiny configs (run by the tests)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from transformers import AutoConfig, LlamaModel, PretrainedConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.model_flops import bench_config, blip2_image_flops, llama_flops  # noqa: E402
+from bench.throughput import (  # noqa: E402
+    length_batches,
+    matmul_flops_per_second,
+    padding_share,
+)
+from cache.store import read_features  # noqa: E402
+from extract.blip2 import Blip2ImageQFormer  # noqa: E402
+from extract.encoders import Encoder  # noqa: E402
+from extract.loaders import ENCODER_CLASSES, load_encoder  # noqa: E402
+from extract.preprocess import image_transform  # noqa: E402
+from extract.registry import get_spec  # noqa: E402
+from extract.run import ExtractConfig  # noqa: E402
+from extract.run import run as run_extract  # noqa: E402
+from pipeline.demo.generate import DemoConfig  # noqa: E402
+from pipeline.demo.generate import run as run_demo  # noqa: E402
+from pipeline.keys import file_key, normalise_text, text_key  # noqa: E402
+
+CPU = torch.device("cpu")
+RESULTS = Path(__file__).parent / "results" / "extract_cpu.json"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+IMAGE, TEXT = "bench-image", "bench-text"  # the registry entries this bench writes
+LOADER = {IMAGE: "blip2-qformer", TEXT: "decoder-text"}
+
+
+def encoder_configs(smoke: bool) -> dict[str, PretrainedConfig]:
+    """Mid-size configs from bench/configs, or the registry's tiny ones for --smoke."""
+    if smoke:
+        return {
+            IMAGE: AutoConfig.for_model(**get_spec("blip2-qformer").tiny_config),
+            TEXT: AutoConfig.for_model(**get_spec("llama3").tiny_config),
+        }
+    return {IMAGE: bench_config("blip2-mid-image"), TEXT: bench_config("llama-mid")}
+
+
+def write_encoders(folder: Path, configs: dict[str, PretrainedConfig]) -> Path:
+    """Save seeded random weights of both encoders and a registry file naming them; return
+    the registry file (what a user with their own checkpoints writes)."""
+    torch.manual_seed(0)
+    Blip2ImageQFormer._from_config(configs[IMAGE]).save_pretrained(folder / IMAGE)
+    LlamaModel._from_config(configs[TEXT]).save_pretrained(folder / TEXT)
+    shutil.copytree(get_spec("llama3").tiny_tokenizer_folder, folder / TEXT, dirs_exist_ok=True)
+    entries = {
+        IMAGE: {
+            "source": str(folder / IMAGE),
+            "modality": "image",
+            "loader": LOADER[IMAGE],
+            "pooling": "mean",
+            "preprocessing": dict(get_spec("blip2-qformer").preprocessing),
+        },
+        TEXT: {
+            "source": str(folder / TEXT),
+            "modality": "text",
+            "loader": LOADER[TEXT],
+            "pooling": "mean",
+            "preprocessing": {"max_length": 512},
+        },
+    }
+    registry = folder / "bench_encoders.yaml"
+    registry.write_text(json.dumps(entries, indent=2), encoding="utf-8")  # JSON is YAML
+    return registry
+
+
+@contextmanager
+def encode_seconds(name: str) -> Iterator[list[float]]:
+    """Seconds spent inside encode() of the loader class `name` runs, while in the block."""
+    encoder_class = ENCODER_CLASSES[LOADER[name]]
+    original = encoder_class.encode
+    seconds = [0.0]
+
+    def timed(self: Encoder, batch):
+        start = time.perf_counter()
+        vectors = original(self, batch)
+        seconds[0] += time.perf_counter() - start
+        return vectors
+
+    encoder_class.encode = timed
+    try:
+        yield seconds
+    finally:
+        encoder_class.encode = original
+
+
+def load(name: str, registry: Path, dtype: str) -> Encoder:
+    return load_encoder(get_spec(name, registry), "hub", CPU, DTYPES[dtype])
+
+
+def sample_batch(encoder: Encoder, table: pd.DataFrame, folder: Path, size: int):
+    """`size` inputs of the encoder's modality from the manifest (images decoded)."""
+    if encoder.spec.modality == "text":
+        return [normalise_text(text) for text in table["report_text"].unique()[:size]]
+    transform = image_transform(encoder.preprocessing)
+    images = []
+    for path in table["image_path"][:size]:
+        with Image.open(folder / path) as image:
+            images.append(transform(image))
+    return torch.stack(images)
+
+
+def seconds_per_item(encoder: Encoder, batch) -> float:
+    """Best of two timed encode() calls on one batch, after a warm-up, per item."""
+    times = []
+    with torch.inference_mode():
+        for _ in range(3):
+            start = time.perf_counter()
+            encoder.encode(batch)
+            times.append(time.perf_counter() - start)
+    return min(times[1:]) / len(batch)
+
+
+def naive_loop(
+    encoders: dict[str, Encoder], table: pd.DataFrame, folder: Path, rows: np.ndarray
+) -> tuple[dict[str, float], dict[str, list[np.ndarray]]]:
+    """One forward per pair and per item, image decoded per pair; seconds and vectors."""
+    transform = image_transform(encoders[IMAGE].preprocessing)
+    seconds = {IMAGE: 0.0, TEXT: 0.0}
+    vectors: dict[str, list[np.ndarray]] = {IMAGE: [], TEXT: []}
+    with torch.inference_mode():
+        for row in rows:
+            start = time.perf_counter()
+            with Image.open(folder / table["image_path"][row]) as image:
+                pixels = transform(image).unsqueeze(0)
+            vectors[IMAGE].append(encoders[IMAGE].encode(pixels)[0].numpy())
+            middle = time.perf_counter()
+            report = normalise_text(table["report_text"][row])
+            vectors[TEXT].append(encoders[TEXT].encode([report])[0].numpy())
+            seconds[IMAGE] += middle - start
+            seconds[TEXT] += time.perf_counter() - middle
+    return seconds, vectors
+
+
+def min_cosine(naive: list[np.ndarray], path: Path, keys: list[str]) -> float:
+    """The lowest cosine between the naive loop's vectors and extract's for the same items."""
+    features = read_features(path)
+    ours = features.vectors[features.rows_of(keys, str(path))]
+    naive_array = np.stack(naive)
+    cosine = (ours * naive_array).sum(1) / (
+        np.linalg.norm(ours, axis=1) * np.linalg.norm(naive_array, axis=1)
+    )
+    return float(cosine.min())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--patients", type=int, default=404, help="demo patients (reports)")
+    parser.add_argument("--images-per-report", type=int, default=14, help="demo images/report")
+    parser.add_argument("--naive-pairs", type=int, default=60, help="pairs the naive loop times")
+    parser.add_argument("--batch-size", type=int, default=32, help="extract's --batch-size")
+    parser.add_argument("--num-workers", type=int, default=1, help="extract's --num-workers")
+    parser.add_argument(
+        "--dtype", choices=("auto", *DTYPES), default="auto", help="auto: the faster one here"
+    )
+    parser.add_argument("--smoke", action="store_true", help="tiny configs and data, seconds")
+    args = parser.parse_args()
+    if args.smoke:
+        args.patients, args.images_per_report, args.naive_pairs = 6, 3, 4
+        args.batch_size, args.num_workers = 4, 0
+    configs = encoder_configs(args.smoke)
+    threads = torch.get_num_threads()
+    print(
+        f"{threads} threads, {platform.processor() or platform.machine()}; torch "
+        f"{torch.__version__}; {'tiny' if args.smoke else 'mid-size'} random-weight encoders"
+    )
+
+    with tempfile.TemporaryDirectory() as temporary:
+        folder = Path(temporary)
+        manifest = run_demo(
+            DemoConfig(
+                out=str(folder / "demo"),
+                patients=args.patients,
+                external_patients=0,
+                images_per_report=args.images_per_report,
+            )
+        )
+        table = pd.read_csv(manifest)
+        reports = list(dict.fromkeys(normalise_text(text) for text in table["report_text"]))
+        print(
+            f"demo: {len(table)} pairs, {table['image_path'].nunique()} images, "
+            f"{len(reports)} reports"
+        )
+        registry = write_encoders(folder, configs)
+
+        # Precision: both timed on one batch of each encoder; the faster one runs extract.
+        fp32 = {name: load(name, registry, "float32") for name in (IMAGE, TEXT)}
+        dtype_of, per_item = {}, {}
+        for name in (IMAGE, TEXT):
+            batch = sample_batch(fp32[name], table, manifest.parent, args.batch_size)
+            per_item[name] = {"float32": seconds_per_item(fp32[name], batch)}
+            per_item[name]["bfloat16"] = seconds_per_item(load(name, registry, "bfloat16"), batch)
+            faster = min(per_item[name], key=per_item[name].get)
+            dtype_of[name] = faster if args.dtype == "auto" else args.dtype
+            print(
+                f"{name} on a batch of {len(batch)}: float32 "
+                f"{per_item[name]['float32'] * 1e3:.1f} ms/item, bfloat16 "
+                f"{per_item[name]['bfloat16'] * 1e3:.1f} ms/item -> extract uses {dtype_of[name]}"
+            )
+
+        rows = np.linspace(0, len(table) - 1, min(args.naive_pairs, len(table))).astype(int)
+        naive_seconds, naive_vectors = naive_loop(fp32, table, manifest.parent, rows)
+        scale = len(table) / len(rows)
+        naive = {name: seconds * scale for name, seconds in naive_seconds.items()}
+        naive_total = sum(naive.values())
+        print(
+            f"naive loop (per pair: decode, 1 image + 1 report forward, float32, no dedup, "
+            f"no workers): {naive_total:.1f} s for {len(table)} pairs (image {naive[IMAGE]:.1f} "
+            f"s, text {naive[TEXT]:.1f} s), timed on {len(rows)} pairs and scaled x{scale:.1f}"
+        )
+
+        ours, encode, outputs = {}, {}, {}
+        for name in (IMAGE, TEXT):
+            outputs[name] = folder / f"{name}.h5"
+            config = ExtractConfig(
+                model=name,
+                registry=str(registry),
+                weights="hub",
+                manifest=str(manifest),
+                out=str(outputs[name]),
+                device="cpu",
+                dtype=dtype_of[name],
+                batch_size=args.batch_size,
+                num_workers=args.num_workers,
+            )
+            with encode_seconds(name) as inside:
+                start = time.perf_counter()
+                run_extract(config)
+                ours[name] = time.perf_counter() - start
+            encode[name] = inside[0]
+        ours_total = sum(ours.values())
+        print(
+            f"extract (unique items, batches of {args.batch_size}, {args.num_workers} "
+            f"worker(s), {dtype_of[IMAGE]} image / {dtype_of[TEXT]} text): {ours_total:.1f} s "
+            f"(image {ours[IMAGE]:.1f} s, text {ours[TEXT]:.1f} s; inside encode "
+            f"{encode[IMAGE]:.1f} s and {encode[TEXT]:.1f} s)"
+        )
+        agreement = {
+            IMAGE: min_cosine(
+                naive_vectors[IMAGE],
+                outputs[IMAGE],
+                [file_key(manifest.parent / table["image_path"][row]) for row in rows],
+            ),
+            TEXT: min_cosine(
+                naive_vectors[TEXT],
+                outputs[TEXT],
+                [text_key(table["report_text"][row]) for row in rows],
+            ),
+        }
+        print(
+            f"same vectors: lowest cosine naive vs extract over the timed pairs: image "
+            f"{agreement[IMAGE]:.4f}, text {agreement[TEXT]:.4f}"
+        )
+        text_provenance = read_features(outputs[TEXT]).provenance
+
+    max_length = fp32[TEXT].max_length
+    lengths = [min(length, max_length) for length in fp32[TEXT].token_lengths(reports)]
+    padding = {
+        order: padding_share(lengths, length_batches(lengths, args.batch_size, order == "sorted"))
+        for order in ("manifest", "sorted")
+    }
+    # python -m extract records the share of its own batch plan (lengths sorted) in the run
+    # record; it is also computed here for both orders, from the token lengths.
+    recorded = text_provenance.get("run", {}).get("padding_share")
+    print(
+        "padding share of the text batches: "
+        + (f"{recorded:.1%} (extract's run record); " if recorded is not None else "")
+        + f"computed here for batches of {args.batch_size}: {padding['manifest']:.1%} in "
+        f"manifest order, {padding['sorted']:.1%} sorted by length"
+    )
+
+    flops = {
+        IMAGE: blip2_image_flops(configs[IMAGE]) * table["image_path"].nunique(),
+        TEXT: sum(llama_flops(configs[TEXT], length) for length in lengths),
+    }
+    widths = {
+        IMAGE: (
+            configs[IMAGE].vision_config.hidden_size,
+            configs[IMAGE].vision_config.intermediate_size,
+        ),
+        TEXT: (configs[TEXT].hidden_size, configs[TEXT].intermediate_size),
+    }
+    tokens_per_batch = {
+        IMAGE: args.batch_size * ((224 // 14) ** 2 + 1),
+        TEXT: args.batch_size * int(np.mean(lengths)),
+    }
+    rates = {}
+    for name in (IMAGE, TEXT):
+        ceiling = {
+            dtype: matmul_flops_per_second(tokens_per_batch[name], *widths[name], torch_dtype, CPU)
+            for dtype, torch_dtype in DTYPES.items()
+        }
+        achieved = flops[name] / encode[name]
+        rates[name] = {"achieved": achieved, "ceiling": ceiling, "flops": flops[name]}
+        print(
+            f"{name} achieved {achieved / 1e9:.3g} GFLOP/s ({flops[name] / 1e12:.2f} TFLOP from "
+            f"its config / {encode[name]:.1f} s in encode) = "
+            f"{achieved / ceiling[dtype_of[name]]:.0%} of a plain {dtype_of[name]} matmul "
+            f"[{tokens_per_batch[name]}x{widths[name][0]}]x[{widths[name][0]}x{widths[name][1]}]: "
+            f"{ceiling['float32'] / 1e9:.3g} GFLOP/s float32, {ceiling['bfloat16'] / 1e9:.3g} "
+            "GFLOP/s bfloat16"
+        )
+
+    result = {
+        "machine": platform.node(),
+        "processor": platform.processor() or platform.machine(),
+        "threads": threads,
+        "pairs": len(table),
+        "images": int(table["image_path"].nunique()),
+        "reports": len(reports),
+        "configs": {name: config.to_dict() for name, config in configs.items()},
+        "batch_size": args.batch_size,
+        "num_workers": args.num_workers,
+        "dtype": dtype_of,
+        "sample_seconds_per_item": per_item,
+        "naive_pairs_timed": len(rows),
+        "naive_seconds": naive,
+        "extract_seconds": ours,
+        "extract_encode_seconds": encode,
+        "lowest_cosine_naive_vs_extract": agreement,
+        "padding_share": {**padding, "recorded": recorded},
+        "gflops": {
+            name: {
+                "achieved": rate["achieved"] / 1e9,
+                "matmul_float32": rate["ceiling"]["float32"] / 1e9,
+                "matmul_bfloat16": rate["ceiling"]["bfloat16"] / 1e9,
+            }
+            for name, rate in rates.items()
+        },
+        "ratio": naive_total / ours_total,
+        "smoke": args.smoke,
+    }
+    if not args.smoke:
+        RESULTS.parent.mkdir(exist_ok=True)
+        RESULTS.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(f"naive / extract seconds for {len(table)} pairs, ratio: {naive_total / ours_total:.1f}")
+
+
+if __name__ == "__main__":
+    main()

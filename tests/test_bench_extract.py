@@ -1,0 +1,143 @@
+"""The extraction benches: FLOPs counted from configs, and both benches run in --smoke mode."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import AutoConfig, Blip2Config, LlamaModel
+
+from bench.model_flops import bench_config, blip2_image_flops, llama_flops
+from bench.throughput import length_batches, padding_share
+from extract.blip2 import Blip2ImageQFormer
+
+REPO = Path(__file__).parents[1]
+# Two patches of 14 px and the class token: 5 ViT tokens of width 48; 4 queries of width 32.
+TINY_BLIP2 = AutoConfig.for_model(
+    model_type="blip-2",
+    num_query_tokens=4,
+    vision_config={
+        "image_size": 28,
+        "patch_size": 14,
+        "hidden_size": 48,
+        "intermediate_size": 96,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+    },
+    qformer_config={
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "cross_attention_frequency": 2,
+    },
+)
+TINY_LLAMA = AutoConfig.for_model(
+    model_type="llama",
+    vocab_size=50,
+    hidden_size=16,
+    intermediate_size=24,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
+
+
+def test_blip2_flops_match_a_hand_count():
+    patch_embedding = 2 * 4 * (3 * 14 * 14) * 48
+    vit_layer = 2 * 5 * 48 * (3 * 48) + 4 * 5 * 5 * 48 + 2 * 5 * 48 * 48 + 2 * 2 * 5 * 48 * 96
+    query_self = 2 * 4 * 32 * (3 * 32) + 4 * 4 * 4 * 32 + 2 * 4 * 32 * 32
+    query_mlp = 2 * 2 * 4 * 32 * 64
+    # Layer 0 only (0 % 2 == 0): queries read the 5 ViT tokens of width 48.
+    cross = 2 * 4 * 32 * 32 + 2 * 2 * 5 * 48 * 32 + 4 * 4 * 5 * 32 + 2 * 4 * 32 * 32
+    expected = patch_embedding + vit_layer + 2 * (query_self + query_mlp) + cross
+    assert expected == 599_744
+    assert blip2_image_flops(TINY_BLIP2) == expected
+
+
+def test_llama_flops_match_a_hand_count():
+    # 7 tokens; head size 4, so K and V are 2 x 4 = 8 wide.
+    layer = (
+        2 * 7 * 16 * 16  # Q
+        + 2 * 2 * 7 * 16 * 8  # K, V
+        + 4 * 7 * 7 * 16  # QK^T and AV
+        + 2 * 7 * 16 * 16  # O
+        + 3 * 2 * 7 * 16 * 24  # gate, up, down
+    )
+    assert llama_flops(TINY_LLAMA, 7) == 2 * layer == 60_032
+
+
+def _counted(model: torch.nn.Module, **inputs) -> int:
+    with FlopCounterMode(display=False) as counter:
+        model(**inputs)
+    return counter.get_total_flops()
+
+
+def test_flop_counts_equal_torch_flop_counter_on_the_real_modules():
+    # Eager attention: its matmuls are visible to the counter (CPU SDPA kernels are not).
+    blip2 = Blip2ImageQFormer._from_config(TINY_BLIP2, attn_implementation="eager").eval()
+    assert _counted(blip2, pixel_values=torch.zeros(1, 3, 28, 28)) == blip2_image_flops(TINY_BLIP2)
+    llama = LlamaModel._from_config(TINY_LLAMA, attn_implementation="eager").eval()
+    ids = torch.zeros(1, 7, dtype=torch.long)
+    assert _counted(llama, input_ids=ids) == llama_flops(TINY_LLAMA, 7)
+
+
+def test_full_size_configs_are_blip2_opt_2_7b_and_llama_3_8b():
+    # transformers' default BLIP-2 vision and Q-Former configs are blip2-opt-2.7b's.
+    shipped, default = bench_config("blip2-opt-2.7b-image"), Blip2Config()
+    for part in ("vision_config", "qformer_config"):
+        assert getattr(shipped, part).to_dict() == getattr(default, part).to_dict(), part
+    # The figures FACTS.md gives: ~534 GFLOP per image, ~2.8 TFLOP per 200-token report.
+    assert blip2_image_flops(shipped) / 1e9 == pytest.approx(534, rel=0.01)
+    assert llama_flops(bench_config("llama-3-8b"), 200) / 1e12 == pytest.approx(2.8, rel=0.01)
+
+
+def test_padding_share_of_length_batches():
+    lengths = [10, 2, 9, 3]
+    in_order = length_batches(lengths, 2, by_length=False)
+    assert in_order == [[0, 1], [2, 3]]
+    assert padding_share(lengths, in_order) == pytest.approx(1 - 24 / 38)
+    assert length_batches(lengths, 2, by_length=True) == [[0, 2], [3, 1]]
+    assert padding_share(lengths, [[0, 2], [3, 1]]) == pytest.approx(1 - 24 / 26)
+
+
+def _smoke(script: str, results: Path) -> list[str]:
+    before = results.stat().st_mtime_ns if results.exists() else None
+    completed = subprocess.run(
+        [sys.executable, f"bench/{script}", "--smoke"], cwd=REPO, capture_output=True, text=True
+    )
+    assert completed.returncode == 0, completed.stderr
+    after = results.stat().st_mtime_ns if results.exists() else None
+    assert after == before, f"--smoke wrote {results}"
+    return completed.stdout.strip().splitlines()
+
+
+def test_extract_cpu_bench_smoke_prints_timings_padding_gflops_and_ratio():
+    lines = _smoke("extract_cpu.py", REPO / "bench" / "results" / "extract_cpu.json")
+    assert any(re.match(r"naive loop .*: [\d.]+ s for \d+ pairs", line) for line in lines)
+    assert any(re.match(r"extract \(.*\): [\d.]+ s", line) for line in lines)
+    assert any(re.match(r"bench-image on a batch .*float32 .* bfloat16", line) for line in lines)
+    assert any(line.startswith("padding share of the text batches: ") for line in lines)
+    # extract computes what the naive loop does (bfloat16 would cost a little agreement).
+    (agreement,) = [line for line in lines if line.startswith("same vectors: ")]
+    cosines = [float(value) for value in re.findall(r"(?:image|text) ([\d.]+)", agreement)]
+    assert len(cosines) == 2 and min(cosines) > 0.98
+    for encoder in ("bench-image", "bench-text"):
+        assert any(
+            re.match(rf"{encoder} achieved [\d.e+-]+ GFLOP/s .* of a plain .* matmul", line)
+            for line in lines
+        )
+    assert re.search(r"ratio: \d+(\.\d+)?$", lines[-1])
+
+
+def test_extract_gpu_bench_smoke_prints_rates_mfu_peak_and_ratio():
+    lines = _smoke("extract_gpu.py", REPO / "bench" / "results" / "extract_gpu.json")
+    assert re.search(r"peak [\d.]+ TFLOP/s from ", lines[0])
+    assert any(re.match(r"images: .* naive [\d.e+-]+/s \(MFU .*ours", line) for line in lines)
+    assert any(re.match(r"reports: .* padding share [\d.]+%", line) for line in lines)
+    assert re.search(r"ratio: \d+(\.\d+)?$", lines[-1])
