@@ -8,16 +8,20 @@ Layout of format version 1:
     /features/vectors  (N, width) the encoder's output, one row per key
     /sources/name      (M,) optional: where each item came from (an image path) ...
     /sources/key       (M,) ... and its key, so training needs no access to the images
+    /skipped/name      (S,) optional: items extraction left out (an image path as in the
+                       manifest; for a report its key, a space and its first 40 characters) ...
+    /skipped/reason    (S,) ... and why (e.g. "zero-byte", "truncated/undecodable")
 
-A file is written as NAME.partial in the same folder and renamed last, so a crash never
-leaves a file that looks complete but is not.
+`skipped` came after the first files of version 1; readers treat its absence as "nothing
+skipped", so the version stays 1. A file is written as NAME.partial in the same folder,
+fsynced and renamed last (cache.atomic), so a crash never leaves a file that looks complete
+but is not. Writing is deterministic (no timestamps), so equal content gives equal bytes.
 """
 
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,11 +29,11 @@ from typing import Any
 import h5py
 import numpy as np
 
+from cache.atomic import write_atomically
 from pipeline.errors import UserError
 
 FORMAT_NAME = "vlmf-features"
 FORMAT_VERSION = 1
-PARTIAL_SUFFIX = ".partial"
 _TEXT = h5py.string_dtype(encoding="utf-8")
 
 
@@ -41,6 +45,7 @@ class FeatureSet:
     vectors: np.ndarray  # [N, width]
     provenance: Mapping[str, Any]  # JSON-serialisable: encoder, source, pooling, dtype, ...
     sources: Mapping[str, str] = field(default_factory=dict)  # source name -> key
+    skipped: Mapping[str, str] = field(default_factory=dict)  # item name -> why it was left out
 
     def __post_init__(self) -> None:
         if self.vectors.ndim != 2 or self.vectors.shape[0] != len(self.keys):
@@ -68,26 +73,56 @@ class FeatureSet:
         return np.fromiter((row_of_key[key] for key in keys), dtype=np.int64, count=len(keys))
 
 
+def check_finite(names: Sequence[str], vectors: np.ndarray, where: str) -> None:
+    """Refuse vectors holding NaN or inf: they would poison every model trained on them.
+
+    Args:
+        names: one name per row of `vectors`, for the message (keys, or image paths).
+        where: what the vectors belong to (a file, an encoder), for the message.
+
+    Raises:
+        UserError: naming how many rows are not finite and the first few of them.
+    """
+    bad = np.flatnonzero(~np.isfinite(vectors).all(axis=1))
+    if bad.size:
+        first = ", ".join(str(names[row]) for row in bad[:3])
+        raise UserError(
+            f"{where}: {bad.size} vector(s) hold NaN or inf (first: {first}); the encoder "
+            "overflowed (try --dtype float32) or its weights are broken"
+        )
+
+
+def _write_texts(group: h5py.Group, name: str, texts: Sequence[str]) -> None:
+    group.create_dataset(name, data=list(texts), dtype=_TEXT, track_times=False)
+
+
 def write_features(path: str | Path, features: FeatureSet) -> Path:
-    """Write `features` to `path` atomically (via a .partial file, marked complete last)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + PARTIAL_SUFFIX)
-    with h5py.File(partial, "w") as handle:
-        handle.attrs["format"] = FORMAT_NAME
-        handle.attrs["format_version"] = FORMAT_VERSION
-        handle.attrs["complete"] = False
-        group = handle.create_group("features")
-        group.attrs["provenance"] = json.dumps(dict(features.provenance), ensure_ascii=False)
-        group.create_dataset("keys", data=list(features.keys), dtype=_TEXT)
-        group.create_dataset("vectors", data=features.vectors)
-        if features.sources:
-            sources = handle.create_group("sources")
-            sources.create_dataset("name", data=list(features.sources), dtype=_TEXT)
-            sources.create_dataset("key", data=list(features.sources.values()), dtype=_TEXT)
-        handle.attrs["complete"] = True
-    os.replace(partial, path)
-    return path
+    """Write `features` to `path` atomically (via a .partial file, marked complete last).
+
+    Raises:
+        UserError: the disk is full or the write fails otherwise; `path` is unchanged.
+    """
+
+    def write(partial: Path) -> None:
+        with h5py.File(partial, "w") as handle:
+            handle.attrs["format"] = FORMAT_NAME
+            handle.attrs["format_version"] = FORMAT_VERSION
+            handle.attrs["complete"] = False
+            group = handle.create_group("features")
+            group.attrs["provenance"] = json.dumps(dict(features.provenance), ensure_ascii=False)
+            _write_texts(group, "keys", features.keys)
+            group.create_dataset("vectors", data=features.vectors, track_times=False)
+            for group_name, column, table in (
+                ("sources", "key", features.sources),
+                ("skipped", "reason", features.skipped),
+            ):
+                if table:
+                    columns = handle.create_group(group_name)
+                    _write_texts(columns, "name", list(table))
+                    _write_texts(columns, column, list(table.values()))
+            handle.attrs["complete"] = True
+
+    return write_atomically(Path(path), write, hook_point="consolidate")
 
 
 def _open_checked(path: Path) -> h5py.File:
@@ -124,26 +159,52 @@ def _texts(dataset: h5py.Dataset) -> tuple[str, ...]:
     return tuple(dataset.asstr()[()])
 
 
+def _require(handle: h5py.File, path: Path, *datasets: str) -> None:
+    absent = [name for name in datasets if name not in handle]
+    if absent:
+        raise UserError(
+            f"{path} lacks dataset(s) {', '.join(absent)}: the file is damaged; re-run extraction"
+        )
+
+
 def read_provenance(path: str | Path) -> dict[str, Any]:
     """Only the provenance of a feature file (cheap: no vectors are read)."""
     with _open_checked(Path(path)) as handle:
+        _require(handle, Path(path), "features")
         return json.loads(handle["features"].attrs["provenance"])
 
 
+def _table(handle: h5py.File, group: str, value: str) -> dict[str, str]:
+    if group not in handle:
+        return {}
+    names = _texts(handle[f"{group}/name"])
+    return dict(zip(names, _texts(handle[f"{group}/{value}"]), strict=True))
+
+
 def read_features(path: str | Path) -> FeatureSet:
-    """Read a whole feature file, checking its format, version and completeness."""
-    with _open_checked(Path(path)) as handle:
+    """Read a whole feature file, checking its format, version, completeness and content.
+
+    Raises:
+        UserError: a missing, foreign, newer, incomplete or damaged file (absent datasets,
+            keys and vectors of different lengths) or vectors holding NaN or inf.
+    """
+    path = Path(path)
+    with _open_checked(path) as handle:
+        _require(handle, path, "features/keys", "features/vectors")
         group = handle["features"]
-        sources: dict[str, str] = {}
-        if "sources" in handle:
-            names = _texts(handle["sources/name"])
-            sources = dict(zip(names, _texts(handle["sources/key"]), strict=True))
-        return FeatureSet(
-            keys=_texts(group["keys"]),
-            vectors=group["vectors"][()],
-            provenance=json.loads(group.attrs["provenance"]),
-            sources=sources,
-        )
+        keys, vectors = _texts(group["keys"]), group["vectors"][()]
+        try:
+            features = FeatureSet(
+                keys=keys,
+                vectors=vectors,
+                provenance=json.loads(group.attrs["provenance"]),
+                sources=_table(handle, "sources", "key"),
+                skipped=_table(handle, "skipped", "reason"),
+            )
+        except ValueError as error:
+            raise UserError(f"{path} is damaged ({error}); re-run extraction") from None
+    check_finite(keys, vectors, str(path))
+    return features
 
 
 def check_provenance(

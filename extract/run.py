@@ -1,41 +1,71 @@
 """The extract stage: encode each unique image, report or image-report pair of a manifest
-once, into HDF5.
+once, into HDF5, losing no finished work.
 
-Works as a plain process and under `accelerate launch`: every process takes a contiguous
-share of the unique items, the vectors are gathered on every process, and only the main
-process writes the file.
+Works as a plain process and under `accelerate launch`: the main process takes the
+output's lock and plans the batches (extract.batching), every process encodes its share
+of them and saves each finished batch as a part file (cache.parts), and after a barrier
+the main process gathers the vectors from the parts into the feature file. Vectors never
+travel between processes except through those files.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import os
 import sys
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
 import torch
 from accelerate import PartialState
-from accelerate.utils import gather_object
+from accelerate.utils import gather_object, parse_flag_from_env
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from cache.store import FeatureSet, write_features
+from cache import fault_hook
+from cache.atomic import PARTIAL_SUFFIX
+from cache.lock import output_lock
+from cache.parts import Batch, Parts
+from cache.store import FeatureSet, check_finite, read_features, write_features
+from extract.batching import padding_share, plan_batches
 from extract.encoders import Encoder, torch_dtype
 from extract.loaders import load_encoder
 from extract.preprocess import ImageFiles, ImageTextPairs, image_transform
 from extract.registry import LOADERS, EncoderSpec, Registry, load_registry
+from extract.screening import screen_image, screen_report
 from pipeline.config import config_to_dict, require_paths, setting
 from pipeline.errors import UserError
 from pipeline.keys import KEY_SCHEMES, file_key, normalise_text, pair_key, text_key
 from pipeline.manifest import image_file, load_manifest
 
 RECORDED_PACKAGES = ("torch", "transformers", "accelerate", "tokenizers", "numpy", "h5py")
+# Provenance entries that say how and when a run went, not what its vectors are: two runs
+# differing only in these may share vectors (see encoder_identity).
+NOT_IDENTITY = frozenset(
+    {
+        "created_utc",
+        "extract_config",
+        "manifest",
+        "weights",
+        "weights_folder",
+        "registry_entry",
+        "run",
+    }
+)
+REPORT_NAME_CHARS = 40  # of a report, in messages and in the skipped items' names
+# Set by every launcher that starts several processes (torchrun, mpirun).
+_RANK_VARS = ("WORLD_SIZE", "LOCAL_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+Result = TypeVar("Result")
 
 
 @dataclass(frozen=True)
@@ -61,7 +91,10 @@ class ExtractConfig:
     )
     manifest: str = setting("", "manifest CSV/Parquet; image paths are relative to its folder")
     out: str = setting(
-        "", "feature file to write (FILE.h5); written as FILE.h5.partial, renamed when complete"
+        "",
+        "feature file to write (FILE.h5); finished batches go to FILE.h5.parts/ at once, so "
+        "the same command resumes a killed run; the file is written as FILE.h5.partial and "
+        "renamed when complete; FILE.h5.lock keeps a second run out",
     )
     classes: tuple[str, ...] = setting(("VCD", "GC"), "labels the manifest may use, negative first")
     pooling: str = setting(
@@ -84,6 +117,16 @@ class ExtractConfig:
         "processes decoding images while the encoder runs (0: decode inline, which can be "
         "as fast on a machine with 2 cores)",
     )
+    wait_for_lock: float = setting(
+        0,
+        "seconds to wait while another run writes the same --out (0: refuse at once, exit "
+        "code 2, naming the other run)",
+    )
+    strict: bool = setting(
+        False,
+        "true: refuse (exit code 2) a manifest with any bad item (missing, empty, damaged "
+        "image; empty report) before any encoder loads; false: skip and record them",
+    )
 
 
 @dataclass(frozen=True)
@@ -93,31 +136,67 @@ class UniqueItems:
     keys: list[str]  # content keys (pipeline.keys), in order of first appearance
     # per key what the encoder reads: an image file, a normalised report, or both (a pair)
     inputs: list[Any]
+    names: list[str]  # per key what a message shows: an image path, a report's beginning
     sources: dict[str, str]  # manifest image_path -> image key; empty for reports
+    skipped: dict[str, str]  # item name (see cache.store) -> why it cannot be encoded
+
+
+def _report_name(key: str, report: str) -> str:
+    return f"{key} {report[:REPORT_NAME_CHARS]}"
 
 
 def unique_items(table: pd.DataFrame, manifest_path: str | Path, modality: str) -> UniqueItems:
     """Key every image file (by its bytes), report (by its normalised text) or image-report
-    pair (by both keys) of `table`."""
+    pair (by both keys) of `table`, leaving out the items screening finds unusable.
+
+    The pass that hashes every image also screens it (extract.screening): a missing,
+    empty, foreign or damaged file is skipped with its reason, and so is an unusable
+    report, and a pair either of whose halves is.
+    """
+    skipped: dict[str, str] = {}
+    sources: dict[str, str] = {}
     if modality in ("image", "pair"):
-        sources = {
-            path: file_key(image_file(manifest_path, path)) for path in table["image_path"].unique()
-        }
+        for path in table["image_path"].unique():
+            file = image_file(manifest_path, path)
+            reason = screen_image(file)
+            if reason:
+                skipped[path] = reason
+            else:
+                sources[path] = file_key(file)
+    bad_reports: set[str] = set()
+    if modality in ("text", "pair"):
+        for report in table["report_text"].unique():
+            reason = screen_report(report)
+            if reason:
+                bad_reports.add(report)
+                skipped[_report_name(text_key(report), normalise_text(report))] = reason
+    inputs: dict[str, Any] = {}
+    names: dict[str, str] = {}
     if modality == "image":
-        file_of_key: dict[str, Path] = {}
         for path, key in sources.items():  # identical files under two names: encode one
-            file_of_key.setdefault(key, image_file(manifest_path, path))
-        return UniqueItems(list(file_of_key), list(file_of_key.values()), sources)
-    if modality == "pair":
-        pair_of_key: dict[str, tuple[Path, str]] = {}
+            inputs.setdefault(key, image_file(manifest_path, path))
+            names.setdefault(key, path)
+    elif modality == "pair":
         for path, report in zip(table["image_path"], table["report_text"], strict=True):
-            key = pair_key(sources[path], text_key(report))
-            pair_of_key.setdefault(key, (image_file(manifest_path, path), normalise_text(report)))
-        return UniqueItems(list(pair_of_key), list(pair_of_key.values()), sources)
-    text_of_key: dict[str, str] = {}
-    for report in table["report_text"]:
-        text_of_key.setdefault(text_key(report), normalise_text(report))
-    return UniqueItems(list(text_of_key), list(text_of_key.values()), {})
+            if path in sources and report not in bad_reports:
+                key = pair_key(sources[path], text_key(report))
+                text = normalise_text(report)
+                inputs.setdefault(key, (image_file(manifest_path, path), text))
+                names.setdefault(key, f"{path} | {text[:REPORT_NAME_CHARS]}")
+    else:
+        for report in table["report_text"]:
+            if report not in bad_reports:
+                key, text = text_key(report), normalise_text(report)
+                inputs.setdefault(key, text)
+                names.setdefault(key, text[:REPORT_NAME_CHARS])
+    return UniqueItems(list(inputs), list(inputs.values()), list(names.values()), sources, skipped)
+
+
+def _skipped_summary(skipped: dict[str, str]) -> str:
+    counts = Counter(skipped.values())
+    first = "; ".join(f"{name} ({reason})" for name, reason in list(skipped.items())[:3])
+    by_reason = ", ".join(f"{reason}: {count}" for reason, count in counts.most_common())
+    return f"{len(skipped)} bad item(s) ({by_reason}); first: {first}"
 
 
 def _resolve_spec(config: ExtractConfig, registry: Registry) -> EncoderSpec:
@@ -140,10 +219,27 @@ def _warn_about_broken_entries(registry: Registry, model: str) -> None:
 
 
 def _process_state(device_name: str) -> PartialState:
+    """This process's place among the processes of a launch.
+
+    Raises:
+        UserError: `accelerate launch --cpu --num_processes N` (N > 1) started this one
+            process alone: accelerate's --cpu launcher starts N processes only through
+            mpirun (--mpirun_hostfile); it tells the process nothing but MASTER_ADDR,
+            so a run would silently use one process.
+    """
+    launched_cpu = parse_flag_from_env("ACCELERATE_USE_CPU")
+    if launched_cpu and "MASTER_ADDR" in os.environ and not any(map(os.environ.get, _RANK_VARS)):
+        raise UserError(
+            "accelerate launch --cpu starts one process whatever --num_processes says (it "
+            "needs mpirun for more); for several CPU processes use accelerate launch "
+            "--multi_gpu --num_processes N ... --device cpu (torchrun processes joined "
+            "with gloo), or drop --num_processes"
+        )
     # Told it runs on the CPU, accelerate joins the processes of a multi-process launch with
-    # gloo; otherwise, on a machine without GPUs, each process would think it is alone (and
-    # write the file).
-    on_cpu = device_name == "cpu" or (device_name == "auto" and not torch.cuda.is_available())
+    # gloo; otherwise, on a machine without GPUs, each process would think it is alone.
+    on_cpu = device_name == "cpu" or (
+        device_name == "auto" and (launched_cpu or not torch.cuda.is_available())
+    )
     return PartialState(cpu=on_cpu)
 
 
@@ -156,49 +252,92 @@ def _device(name: str, state: PartialState) -> torch.device:
         raise UserError(f"--device {name}: expected auto, cpu, cuda or cuda:N") from None
 
 
-def _batches(encoder: Encoder, inputs: list[Any], config: ExtractConfig) -> Iterable[Any]:
-    if encoder.spec.modality in ("image", "pair"):
-        transform = image_transform(encoder.preprocessing)
-        if encoder.spec.modality == "image":
-            dataset = ImageFiles(inputs, transform)
-        else:
-            dataset = ImageTextPairs(
-                [path for path, _ in inputs], [text for _, text in inputs], transform
-            )
-        return DataLoader(
-            dataset,
-            batch_size=config.batch_size,
-            num_workers=config.num_workers,
-            pin_memory=encoder.device.type == "cuda",
+def _on_every_process(state: PartialState, action: Callable[[], Result]) -> list[Result]:
+    """Run `action` on every process and return every process's result, in rank order.
+
+    Also a barrier. A process whose action fails still takes part, so that the others
+    stop with its error instead of waiting for it forever.
+    """
+    result, failure = None, None
+    try:
+        result = action()
+    except Exception as error:  # noqa: BLE001 (re-raised below, after the others learn of it)
+        failure = error
+    outcomes = gather_object([(result, None if failure is None else str(failure))])
+    if failure is not None:
+        raise failure
+    for rank, (_, message) in enumerate(outcomes):
+        if message is not None:
+            raise UserError(message if rank == 0 else f"process {rank}: {message}")
+    return [outcome for outcome, _ in outcomes]
+
+
+def _on_main_process(state: PartialState, action: Callable[[], Result]) -> Result:
+    """Run `action` on the main process only; every process gets its result (or error)."""
+    return _on_every_process(state, action if state.is_main_process else lambda: None)[0]
+
+
+def _token_lengths(encoder: Encoder, keys: Sequence[str], texts: Sequence[str]) -> dict[str, int]:
+    """Tokens per report as encode() pads it: after truncation to max_length."""
+    encoded = encoder.tokenizer(
+        list(texts), truncation=True, max_length=encoder.max_length, verbose=False
+    )["input_ids"]
+    return {key: len(ids) for key, ids in zip(keys, encoded, strict=True)}
+
+
+def _batches(
+    encoder: Encoder, batches: Sequence[Batch], input_of_key: dict[str, Any], config: ExtractConfig
+) -> Iterable[Any]:
+    """The encoder's input, batch by batch; images decoded in DataLoader workers."""
+    if encoder.spec.modality == "text":
+        return ([input_of_key[key] for key in batch] for batch in batches)
+    inputs = [input_of_key[key] for batch in batches for key in batch]
+    transform = image_transform(encoder.preprocessing)
+    if encoder.spec.modality == "image":
+        dataset = ImageFiles(inputs, transform)
+    else:
+        dataset = ImageTextPairs(
+            [path for path, _ in inputs], [text for _, text in inputs], transform
         )
-    return (
-        inputs[start : start + config.batch_size]
-        for start in range(0, len(inputs), config.batch_size)
+    ends = np.cumsum([len(batch) for batch in batches])
+    rows = [list(range(end - len(batch), end)) for batch, end in zip(batches, ends, strict=True)]
+    return DataLoader(
+        dataset,
+        batch_sampler=rows,
+        num_workers=config.num_workers,
+        pin_memory=encoder.device.type == "cuda",
     )
 
 
 def _encode(
-    encoder: Encoder, shard: list[tuple[str, Any]], config: ExtractConfig, show_progress: bool
-) -> list[tuple[str, np.ndarray]]:
-    """(key, input) pairs -> (key, vector) pairs, in batches, without gradients."""
-    vectors = []
+    encoder: Encoder,
+    batches: Sequence[Batch],
+    items: UniqueItems,
+    parts: Parts,
+    config: ExtractConfig,
+    show_progress: bool,
+) -> None:
+    """Encode `batches` and save each as a part as soon as it is done."""
+    input_of_key = dict(zip(items.keys, items.inputs, strict=True))
+    name_of_key = dict(zip(items.keys, items.names, strict=True))
     progress = tqdm(
-        total=len(shard),
+        total=sum(len(batch) for batch in batches),
         unit=encoder.spec.modality,
         desc=encoder.spec.name,
         disable=not show_progress,
     )
     with torch.inference_mode(), progress:
-        for batch in _batches(encoder, [item for _, item in shard], config):
-            encoded = encoder.encode(batch)
-            vectors.extend(encoded.cpu().numpy())
-            progress.update(len(encoded))
-    return [(key, vector) for (key, _), vector in zip(shard, vectors, strict=True)]
+        for batch, inputs in zip(
+            batches, _batches(encoder, batches, input_of_key, config), strict=True
+        ):
+            vectors = encoder.encode(inputs).float().cpu().numpy()
+            fault_hook.reached("batch")
+            check_finite([name_of_key[key] for key in batch], vectors, encoder.spec.name)
+            parts.write(batch, vectors)
+            progress.update(len(batch))
 
 
-def _provenance(
-    config: ExtractConfig, spec: EncoderSpec, encoder: Encoder, state: PartialState
-) -> dict[str, Any]:
+def _provenance(config: ExtractConfig, spec: EncoderSpec, encoder: Encoder) -> dict[str, Any]:
     return {
         "encoder": spec.name,
         "modality": spec.modality,
@@ -211,7 +350,6 @@ def _provenance(
         "pooling": spec.pooling,
         "dtype": config.dtype,
         "device_type": encoder.device.type,
-        "num_processes": state.num_processes,
         "key_scheme": KEY_SCHEMES[spec.modality],
         "package_versions": {name: metadata.version(name) for name in RECORDED_PACKAGES},
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -220,15 +358,123 @@ def _provenance(
     }
 
 
+def encoder_identity(provenance: Mapping[str, Any]) -> str:
+    """A hash of every provenance entry that can change a vector (encoder, weights
+    fingerprint, pooling, dtype, preprocessing, device type, package versions, ...): vectors
+    of equal identity are interchangeable; those of another never mix."""
+    identity = {name: value for name, value in provenance.items() if name not in NOT_IDENTITY}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def _reusable_file(out: Path, identity: str) -> FeatureSet | None:
+    """The existing complete output, if its vectors have this run's encoder identity."""
+    if not out.is_file():
+        return None
+    try:
+        existing = read_features(out)
+    except UserError as problem:
+        print(f"warning: not reusing {out}: {problem}", file=sys.stderr)
+        return None
+    return existing if encoder_identity(existing.provenance) == identity else None
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What the main process found on disk and decided, for every process to follow."""
+
+    up_to_date: bool
+    from_file: int  # items whose vectors the existing output already holds
+    from_parts: int  # items whose batches an interrupted run finished
+    pending: list[Batch]  # batches still to encode
+    padding_share: float | None  # of the pending batches, for reports
+    padding_share_unsorted: float | None  # the same batches cut in manifest order
+
+
+def _prepare(
+    out: Path, provenance: dict[str, Any], items: UniqueItems, encoder: Encoder, batch_size: int
+) -> _Plan:
+    """Main process: decide what to encode, and record the plan in the parts folder."""
+    identity = encoder_identity(provenance)
+    parts = Parts(out, identity)
+    existing = _reusable_file(out, identity)
+    held = set(existing.keys if existing else ()) & set(items.keys)
+    if (
+        existing is not None
+        and list(existing.keys) == items.keys
+        and dict(existing.sources) == items.sources
+        and dict(existing.skipped) == items.skipped
+        and existing.provenance["manifest"]["sha256"] == provenance["manifest"]["sha256"]
+    ):
+        # Left by a run of another encoder identity, or killed while writing this file.
+        parts.remove()
+        out.with_name(out.name + PARTIAL_SUFFIX).unlink(missing_ok=True)
+        return _Plan(True, len(held), 0, [], None, None)
+    todo = [key for key in items.keys if key not in held]
+    lengths = None
+    if encoder.spec.modality == "text":
+        text_of_key = dict(zip(items.keys, items.inputs, strict=True))
+        lengths = _token_lengths(encoder, todo, [text_of_key[key] for key in todo])
+    batches = plan_batches(todo, batch_size, parts.planned_batches(), lengths)
+    parts.start(batches)
+    pending = [batch for batch in batches if not parts.done(batch)]
+    padding = unsorted = None
+    if lengths is not None:
+        pending_set = {key for batch in pending for key in batch}
+        pending_keys = [key for key in todo if key in pending_set]
+        padding = padding_share(pending, lengths)
+        unsorted = padding_share(plan_batches(pending_keys, batch_size), lengths)
+    from_parts = len(todo) - sum(len(batch) for batch in pending)
+    return _Plan(False, len(held), from_parts, pending, padding, unsorted)
+
+
+def _consolidate(
+    out: Path, provenance: dict[str, Any], items: UniqueItems, encoder: Encoder
+) -> FeatureSet:
+    """Main process: the reused and the new vectors, in the order of first appearance,
+    into the output file; then the parts go."""
+    identity = encoder_identity(provenance)
+    parts = Parts(out, identity)
+    row_of_key = {key: row for row, key in enumerate(items.keys)}
+    vectors = np.full((len(items.keys), encoder.width), np.nan, np.float32)
+    existing = _reusable_file(out, identity)
+    if existing is not None:
+        kept = [key for key in existing.keys if key in row_of_key]
+        vectors[[row_of_key[key] for key in kept]] = existing.vectors[
+            existing.rows_of(kept, str(out))
+        ]
+    for batch in parts.planned_batches():
+        vectors[[row_of_key[key] for key in batch]] = parts.read(batch)
+    check_finite(items.names, vectors, f"vectors for {out}")
+    features = FeatureSet(
+        keys=tuple(items.keys),
+        vectors=vectors,
+        provenance=provenance,
+        sources=items.sources,
+        skipped=items.skipped,
+    )
+    write_features(out, features)
+    parts.remove()
+    return features
+
+
 def run(config: ExtractConfig) -> Path:
     """Encode every unique image, report or pair of the manifest once; write the feature file.
+
+    Resumable: finished batches are saved as parts (cache.parts) and a rerun of the same
+    command encodes only the rest; vectors of the existing output are reused when their
+    encoder identity matches; an output that already holds everything is left as it is.
+    One run at a time writes an output (cache.lock). Under `accelerate launch` each
+    process encodes its share of the batches into its own parts and the main process
+    writes the file.
 
     Returns:
         The path of the feature file.
 
     Raises:
-        UserError: an unknown or broken encoder entry, a bad manifest (checked before any
-            encoder loads), unavailable weights, or an unusable device or dtype.
+        UserError: an unknown or broken encoder entry, a bad manifest or, with --strict,
+            bad items (all checked before any encoder loads), another run writing the same
+            output, unavailable weights, an unusable device or dtype, vectors holding NaN
+            or inf, or a full disk.
     """
     require_paths(config, "model", "manifest", "out")
     registry = load_registry(config.registry)
@@ -236,30 +482,65 @@ def run(config: ExtractConfig) -> Path:
     # Reports can be re-encoded where the images are not (a laptop, another LLM).
     table = load_manifest(config.manifest, config.classes, check_images=spec.modality != "text")
     state = _process_state(config.device)
+    out = Path(config.out)
+    with ExitStack() as held:
+        _on_main_process(state, lambda: held.enter_context(output_lock(out, config.wait_for_lock)))
+        return _locked_run(config, spec, registry, table, state, out)
+
+
+def _locked_run(
+    config: ExtractConfig,
+    spec: EncoderSpec,
+    registry: Registry,
+    table: pd.DataFrame,
+    state: PartialState,
+    out: Path,
+) -> Path:
+    items = unique_items(table, config.manifest, spec.modality)
+    if items.skipped and config.strict:
+        raise UserError(f"--strict: {_skipped_summary(items.skipped)}")
     if state.is_main_process:
         _warn_about_broken_entries(registry, config.model)
+        if items.skipped:
+            print(f"warning: skipping {_skipped_summary(items.skipped)}", file=sys.stderr)
     device = _device(config.device, state)
-    dtype = torch_dtype(config.dtype, device)
-    encoder = load_encoder(spec, config.weights, device, dtype)
-    items = unique_items(table, config.manifest, spec.modality)
-
-    with state.split_between_processes(list(zip(items.keys, items.inputs, strict=True))) as shard:
-        encoded = _encode(encoder, shard, config, show_progress=state.is_main_process)
-    # Every process must take part in the gather. A key can come back twice (padding or
-    # an uneven split repeats items); its vectors are equal, so one is kept.
-    vector_of_key = dict(gather_object(encoded))
-    out = Path(config.out)
+    encoder = load_encoder(spec, config.weights, device, torch_dtype(config.dtype, device))
+    provenance = _provenance(config, spec, encoder)
+    plan = _on_main_process(
+        state, lambda: _prepare(out, provenance, items, encoder, config.batch_size)
+    )
+    if plan.up_to_date:
+        if state.is_main_process:
+            print(f"{out} is up to date: it holds all {len(items.keys)} {spec.modality} vectors")
+        return out
+    parts = Parts(out, encoder_identity(provenance))
+    shares = [plan.pending[rank :: state.num_processes] for rank in range(state.num_processes)]
+    mine = shares[state.process_index]
+    _on_every_process(
+        state, lambda: _encode(encoder, mine, items, parts, config, state.is_main_process)
+    )
+    encoded = [sum(len(batch) for batch in share) for share in shares]
+    provenance["run"] = {
+        "num_processes": state.num_processes,
+        "encoded_per_process": encoded,
+        "encoded": sum(encoded),
+        "reused_from_file": plan.from_file,
+        "reused_from_parts": plan.from_parts,
+        "skipped": len(items.skipped),
+        "padding_share": plan.padding_share,
+        "padding_share_unsorted": plan.padding_share_unsorted,
+    }
     if state.is_main_process:
-        features = FeatureSet(
-            keys=tuple(items.keys),
-            vectors=np.stack([vector_of_key[key] for key in items.keys]).astype(np.float32),
-            provenance=_provenance(config, spec, encoder, state),
-            sources=items.sources,
-        )
-        write_features(out, features)
+        features = _consolidate(out, provenance, items, encoder)
         print(
             f"wrote {len(items.keys)} {spec.modality} vectors of width {features.width} "
-            f"({spec.name}, {config.weights} weights) to {out}"
+            f"({spec.name}, {config.weights} weights) to {out}: encoded {sum(encoded)} "
+            f"({' + '.join(map(str, encoded))} by {state.num_processes} process(es)), reused "
+            f"{plan.from_file} from the existing file and {plan.from_parts} from parts"
         )
-    state.wait_for_everyone()
+        if plan.padding_share is not None:
+            print(
+                f"padding: {plan.padding_share:.1%} of report tokens "
+                f"({plan.padding_share_unsorted:.1%} without sorting by length)"
+            )
     return out

@@ -99,3 +99,51 @@ def test_feature_set_checks_its_shape():
         FeatureSet(keys=("a",), vectors=np.zeros((2, 3)), provenance={})
     with pytest.raises(ValueError, match="unique"):
         FeatureSet(keys=("a", "a"), vectors=np.zeros((2, 3)), provenance={})
+
+
+def test_skipped_items_round_trip_and_are_optional(tmp_path):
+    skipped = {"images/empty.png": "zero-byte", "ab12 报告": "control characters"}
+    features = FeatureSet(**{**vars(example()), "skipped": skipped})
+    assert read_features(write_features(tmp_path / "f.h5", features)).skipped == skipped
+    assert read_features(write_features(tmp_path / "g.h5", example())).skipped == {}
+    assert read_features(GOLDEN_V1).skipped == {}  # files of format 1 without the group
+
+
+def test_equal_content_is_written_as_equal_bytes(tmp_path):
+    # No timestamps in the file: a rerun that writes the same vectors changes no byte.
+    first = write_features(tmp_path / "first.h5", example()).read_bytes()
+    assert write_features(tmp_path / "again.h5", example()).read_bytes() == first
+
+
+def _with_vectors(path, vectors):
+    with h5py.File(path, "a") as handle:
+        del handle["features/vectors"]
+        handle["features/vectors"] = vectors
+
+
+def test_non_finite_vectors_are_refused_naming_the_count_and_the_first_key(tmp_path):
+    path = write_features(tmp_path / "f.h5", example())
+    _with_vectors(path, np.array([[1.0, np.nan], [np.inf, 4.0]], dtype=np.float32))
+    with pytest.raises(UserError, match=r"f\.h5: 2 vector\(s\) hold NaN or inf \(first: k1, k2\)"):
+        read_features(path)
+
+
+def test_non_finite_vectors_are_never_written(tmp_path):
+    with pytest.raises(UserError, match=r"clip: 1 vector\(s\) hold NaN or inf \(first: b.png\)"):
+        store.check_finite(["a.png", "b.png"], np.array([[0.0], [np.nan]]), "clip")
+
+
+@pytest.mark.parametrize("dataset", ["features/keys", "features/vectors"])
+def test_a_missing_dataset_is_one_line_naming_the_file(tmp_path, dataset):
+    path = write_features(tmp_path / "f.h5", example())
+    with h5py.File(path, "a") as handle:
+        del handle[dataset]
+    with pytest.raises(UserError, match=rf"f\.h5 lacks dataset\(s\) {dataset}: the file is dam"):
+        read_features(path)
+
+
+def test_keys_and_vectors_of_different_lengths_are_a_damaged_file(tmp_path):
+    path = write_features(tmp_path / "f.h5", example())
+    _with_vectors(path, np.zeros((3, 2), dtype=np.float32))
+    with pytest.raises(UserError, match=r"f\.h5 is damaged \(vectors must be"):
+        read_features(path)

@@ -1,0 +1,95 @@
+"""Bad items are skipped, recorded with their reasons and summarised; --strict refuses them
+before any encoder loads."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from huggingface_hub import constants as hub_constants
+
+from cache.store import read_features
+from extract.__main__ import main
+from extract.registry import get_spec
+from extract.run import ExtractConfig, run
+from pipeline.keys import file_key, normalise_text, text_key
+
+BAD_IMAGES = {"images/empty.png": "zero-byte", "images/notes.png": "not an image"}
+
+
+@pytest.fixture
+def manifest(
+    small_table: pd.DataFrame, write_manifest: Callable[[pd.DataFrame], Path], tmp_path: Path
+) -> Path:
+    """The small manifest plus a zero-byte image and a text file named .png, and a report
+    holding a control character."""
+    (tmp_path / "images" / "empty.png").write_bytes(b"")
+    (tmp_path / "images" / "notes.png").write_text("not a picture", encoding="utf-8")
+    bad_rows = pd.DataFrame(
+        {
+            "image_path": [*BAD_IMAGES, "images/c.png"],
+            "report_text": ["声带光滑。", "声带充血。", "声门下\x07可见新生物。"],
+            "label": ["VCD", "GC", "GC"],
+            "patient_id": ["p4", "p5", "p3"],
+        }
+    )
+    return write_manifest(pd.concat([small_table.iloc[:5], bad_rows], ignore_index=True))
+
+
+def _config(model: str, manifest: Path, out: Path, **overrides) -> ExtractConfig:
+    return ExtractConfig(
+        model=model, manifest=str(manifest), out=str(out), num_workers=0, **overrides
+    )
+
+
+def test_bad_images_are_skipped_recorded_and_summarised(
+    manifest: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    features = read_features(run(_config("blip2-qformer", manifest, tmp_path / "image.h5")))
+    assert features.skipped == BAD_IMAGES
+    assert len(features.keys) == 4  # a, b, c, d: the run went on
+    assert set(features.sources) == {f"images/{name}.png" for name in "abcd"}
+    assert features.provenance["run"]["skipped"] == 2
+    warning = capsys.readouterr().err
+    assert "warning: skipping 2 bad item(s) (zero-byte: 1, not an image: 1)" in warning
+    assert "first: images/empty.png (zero-byte); images/notes.png (not an image)" in warning
+
+
+def test_pairs_with_a_bad_half_are_skipped(manifest: Path, tmp_path: Path) -> None:
+    features = read_features(run(_config("vilt", manifest, tmp_path / "pairs.h5")))
+    bad_report = "声门下\x07可见新生物。"
+    assert features.skipped == {
+        **BAD_IMAGES,
+        f"{text_key(bad_report)} {normalise_text(bad_report)}": "control characters",
+    }
+    assert len(features.keys) == 5  # the five good rows, each a distinct pair
+
+
+def test_bad_reports_are_skipped_by_text_encoders(manifest: Path, tmp_path: Path) -> None:
+    features = read_features(run(_config("llama3", manifest, tmp_path / "text.h5")))
+    assert list(features.skipped.values()) == ["control characters"]
+    assert text_key("声门下\x07可见新生物。") not in features.keys
+    assert text_key("声带光滑。") in features.keys  # its image is bad, not its report
+    assert file_key(manifest) == features.provenance["manifest"]["sha256"]
+
+
+def test_strict_refuses_bad_items_before_any_encoder_loads(
+    manifest: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    # With --weights hub and an empty cache, loading the encoder would fail: getting the
+    # --strict error instead proves the items are checked first.
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    flags = ["--model", "blip2-qformer", "--weights", "hub", "--strict", "true"]
+    with pytest.raises(SystemExit) as exited:
+        main([*flags, "--manifest", str(manifest), "--out", str(tmp_path / "image.h5")])
+    assert exited.value.code == 2
+    message = capsys.readouterr().err
+    assert message.count("\n") == 1
+    assert message.startswith("error: --strict: 2 bad item(s) (zero-byte: 1, not an image: 1)")
+    assert get_spec("blip2-qformer").source not in message
+    assert not (tmp_path / "image.h5").exists()
