@@ -130,9 +130,10 @@ class EncoderSpec:
     pooling: str  # how per-token outputs become one vector: a key of its loader's poolings
     loader: str = ""  # a key of LOADERS; "" picks DEFAULT_LOADERS[modality]
     width: int = 0  # output width with the real weights; 0: read from the weights
-    # image: image_size, mean, std, interpolation, resize, crop_size; text: max_length (tokens)
-    # and for decoder LLMs prompt_template. Empty: read from the checkpoint folder (images)
-    # or the model's limits (text).
+    # image: image_size, mean, std, interpolation, resize, crop_size; text: max_length (tokens),
+    # long_reports (truncate, or windows with window_overlap tokens: see extract.encoders) and
+    # for decoder LLMs prompt_template. Empty: read from the checkpoint folder (images) or the
+    # model's limits (text).
     preprocessing: Mapping[str, Any] = field(default_factory=dict)
     tiny_config: Mapping[str, Any] = field(default_factory=dict)  # small config (with model_type)
     tiny_tokenizer: str = ""  # offline tokenizer folder for tiny weights (in MODEL_CONFIGS)
