@@ -7,6 +7,8 @@ expanded to one row per manifest pair, so training indexes rows and never looks 
 
 from __future__ import annotations
 
+import sys
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,10 +18,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cache.store import read_features, read_provenance
+from cache.store import FeatureSet, read_features, read_provenance
+from fuse.identity import check_image_identity, check_weights, image_keys_here
 from pipeline.errors import UserError
 from pipeline.keys import pair_key, text_key
-from pipeline.manifest import load_manifest
+from pipeline.manifest import first_lines, load_manifest
 
 FeatureId = tuple[str, str]  # (encoder, modality) as recorded in a file's provenance
 MODALITIES = ("image", "text", "pair")
@@ -35,6 +38,7 @@ class CachedRows:
     features: Mapping[FeatureId, torch.Tensor]  # [N, width] float32 per encoder and modality
     provenance: Mapping[FeatureId, Mapping[str, Any]]
     paths: Mapping[FeatureId, str]  # the file each feature came from
+    notes: tuple[str, ...] = ()  # pairs left out or matched by path only, for the record
 
     def patients(self, rows: torch.Tensor) -> set[str]:
         """The patients of `rows`."""
@@ -60,35 +64,52 @@ def index_feature_files(paths: Iterable[str | Path]) -> dict[FeatureId, str]:
     return index
 
 
-def _row_keys(table: pd.DataFrame, modality: str, sources: Mapping[str, str], path: str) -> list:
+def _row_keys(table: pd.DataFrame, modality: str, sources: Mapping[str, str]) -> list:
+    """Each row's content key in a file of `modality`; None where its image was not encoded."""
     report_keys = table["report_text"].map(text_key).tolist()
     if modality == "text":
         return report_keys
-    image_paths = table["image_path"].tolist()
-    unknown = sorted({image for image in image_paths if image not in sources})
-    if unknown:
-        raise UserError(
-            f"{path} has no vector for {len(unknown)} image(s) of the manifest, e.g. "
-            f"{unknown[0]}; re-run extraction on this manifest"
-        )
-    image_keys = [sources[image] for image in image_paths]
+    image_keys = [sources.get(image) for image in table["image_path"]]
     if modality == "image":
         return image_keys
-    return [pair_key(image, report) for image, report in zip(image_keys, report_keys, strict=True)]
+    return [
+        pair_key(image, report) if image is not None else None
+        for image, report in zip(image_keys, report_keys, strict=True)
+    ]
 
 
-def _row_vectors(table: pd.DataFrame, feature: FeatureId, path: str) -> tuple[torch.Tensor, dict]:
+def _why_absent(table: pd.DataFrame, absent: np.ndarray, skipped: Mapping[str, str]) -> str:
+    """Count the absent rows by the reason extraction recorded (an image path, or a report
+    key followed by a space and its start), else "not in the extracted manifest"."""
+    reason_of_report = {name.split(" ", 1)[0]: reason for name, reason in skipped.items()}
+    reasons = [
+        skipped.get(image)
+        or reason_of_report.get(text_key(report), "not in the extracted manifest")
+        for image, report in zip(
+            table["image_path"][absent], table["report_text"][absent], strict=True
+        )
+    ]
+    return ", ".join(f"{reason}: {count}" for reason, count in Counter(reasons).most_common())
+
+
+@dataclass(frozen=True)
+class _Stored:
+    """One needed feature: the file, and which of its rows each manifest row uses (-1: none)."""
+
+    path: str
+    features: FeatureSet
+    rows: np.ndarray
+
+
+def _look_up(table: pd.DataFrame, feature: FeatureId, path: str) -> _Stored:
     stored = read_features(path)
     modality = feature[1]
     if modality not in MODALITIES:
         raise UserError(f"{path}: modality {modality!r} is not one of {MODALITIES}")
-    keys = _row_keys(table, modality, stored.sources, path)
-    rows = stored.rows_of(keys, f"{path} against the manifest")
-    vectors = np.ascontiguousarray(stored.vectors[rows], dtype=np.float32)
-    if not np.isfinite(vectors).all():
-        bad = int((~np.isfinite(vectors)).any(axis=1).sum())
-        raise UserError(f"{path}: {bad} row(s) hold NaN or infinite values; re-run extraction")
-    return torch.from_numpy(vectors), dict(stored.provenance)
+    row_of_key = {key: row for row, key in enumerate(stored.keys)}
+    keys = _row_keys(table, modality, stored.sources)
+    rows = np.fromiter((row_of_key.get(key, -1) for key in keys), np.int64, len(keys))
+    return _Stored(path, stored, rows)
 
 
 def load_cached_rows(
@@ -96,19 +117,35 @@ def load_cached_rows(
     feature_paths: Sequence[str | Path],
     needed: Iterable[FeatureId],
     classes: Sequence[str],
+    *,
+    image_root: str | Path | None = None,
+    expect_weights: str = "",
+    expect_dtype: str = "",
 ) -> CachedRows:
     """Validate the manifest and align the vectors of every needed feature with its rows.
 
     Images are looked up through each image file's path-to-key table, so this needs the
-    manifest and the feature files, not the images.
+    manifest and the feature files, not the images; where the images are here, their
+    content is checked against that table (fuse.identity has the rules).
+
+    A pair without a vector in some needed file (skipped at extraction, or absent from
+    the manifest extracted from) is left out of every model, so all models see the same
+    rows; a note says how many and why.
+
+    Args:
+        image_root: where images may be read to check their content; None: the
+            manifest's folder.
+        expect_weights: "" (any), "tiny" or "real": the weights every file must come from.
+        expect_dtype: "" (any) or the dtype every file must have been extracted in.
 
     Raises:
-        UserError: a bad manifest, a needed feature in none of the files, or a pair whose
-            image or report has no vector.
+        UserError: a bad manifest, a needed feature in none of the files, vectors of other
+            images or of another data set, files whose weights or dtype disagree, or no
+            pair with a vector in every file.
     """
     table = load_manifest(manifest_path, classes, check_images=False).reset_index(drop=True)
     index = index_feature_files(feature_paths)
-    features, provenance = {}, {}
+    stored: dict[FeatureId, _Stored] = {}
     for feature in dict.fromkeys(needed):
         if feature not in index:
             held = ", ".join(f"{encoder} ({modality})" for encoder, modality in index) or "none"
@@ -117,7 +154,37 @@ def load_cached_rows(
                 f"(the files given hold: {held}); extract them with `python -m extract "
                 f"--model {feature[0]} ...` or leave out the models that need them"
             )
-        features[feature], provenance[feature] = _row_vectors(table, feature, index[feature])
+        stored[feature] = _look_up(table, feature, index[feature])
+    check_weights(
+        {item.path: item.features.provenance for item in stored.values()},
+        expect_weights,
+        expect_dtype,
+    )
+    notes = _check_images(table, manifest_path, stored, image_root)
+    keep = np.ones(len(table), dtype=bool)
+    for item in stored.values():
+        absent = item.rows < 0
+        if absent.any():
+            notes.append(
+                f"{item.path}: {int(absent.sum())} of {len(table)} pair(s) have no vector "
+                f"({_why_absent(table, absent, item.features.skipped)}), at line(s) "
+                f"{first_lines(pd.Series(absent))}; left out of every model"
+            )
+        keep &= ~absent
+    if not keep.any():
+        raise UserError(
+            f"no pair of {manifest_path} has a vector in every feature file ({'; '.join(notes)}); "
+            "the files were extracted from other data: re-run extraction on this manifest"
+        )
+    for note in notes:
+        print(f"warning: {note}", file=sys.stderr)
+    table = table[keep].reset_index(drop=True)
+    features = {
+        feature: torch.from_numpy(
+            np.ascontiguousarray(item.features.vectors[item.rows[keep]], dtype=np.float32)
+        )
+        for feature, item in stored.items()
+    }
     report_groups, _ = pd.factorize(table["report_text"].map(text_key))
     class_index = {name: position for position, name in enumerate(classes)}
     return CachedRows(
@@ -125,9 +192,35 @@ def load_cached_rows(
         labels=torch.tensor(table["label"].map(class_index).to_numpy(), dtype=torch.long),
         report_groups=torch.from_numpy(report_groups.astype(np.int64)),
         features=features,
-        provenance=provenance,
-        paths={feature: index[feature] for feature in features},
+        provenance={feature: dict(item.features.provenance) for feature, item in stored.items()},
+        paths={feature: item.path for feature, item in stored.items()},
+        notes=tuple(notes),
     )
+
+
+def _check_images(
+    table: pd.DataFrame,
+    manifest_path: str | Path,
+    stored: Mapping[FeatureId, _Stored],
+    image_root: str | Path | None,
+) -> list[str]:
+    """Check every image or pair file against the images (or the recorded manifest)."""
+    with_images = [item for feature, item in stored.items() if feature[1] != "text"]
+    if not with_images:
+        return []
+    keys_here = image_keys_here(table, manifest_path, image_root)
+    notes = [
+        check_image_identity(
+            table,
+            manifest_path,
+            item.features.sources,
+            item.features.provenance,
+            item.path,
+            keys_here,
+        )
+        for item in with_images
+    ]
+    return [note for note in notes if note]
 
 
 def standardise(

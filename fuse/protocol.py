@@ -74,6 +74,12 @@ class ProtocolConfig(HeadSettings):
     standardise: bool = setting(
         True, "z-score every feature with the training rows' mean and SD (not in the paper)"
     )
+    expect_weights: str = setting(
+        "", "weights every feature file must come from: tiny, real (hub or folder); empty: any"
+    )
+    expect_dtype: str = setting(
+        "", "dtype every feature file must have been extracted in (e.g. float16); empty: any"
+    )
 
 
 @dataclass
@@ -199,6 +205,7 @@ def _data_identity(config: ProtocolConfig, data: CachedRows) -> dict[str, Any]:
             }
             for (encoder, modality), provenance in data.provenance.items()
         },
+        "notes": list(data.notes),  # pairs left out, rows matched by image path only
     }
 
 
@@ -238,6 +245,8 @@ def run(config: ProtocolConfig) -> dict[str, Any]:
         config.features,
         [feature for model in models for feature in model.inputs],
         config.classes,
+        expect_weights=config.expect_weights,
+        expect_dtype=config.expect_dtype,
     )
     plan = plan_trials(
         data.table, config.split, config.trials, config.folds, config.split_fractions, config.seed

@@ -84,7 +84,8 @@ def _missing_columns(path: Path, table: pd.DataFrame, missing: list[str]) -> str
     return message
 
 
-def _first_rows(mask: pd.Series) -> str:
+def first_lines(mask: pd.Series) -> str:
+    """The file lines of the first rows where `mask` holds, and how many more there are."""
     # +2: one for the header line, one because people count rows from 1.
     rows = [str(index + 2) for index in mask[mask].index[:_ROWS_SHOWN]]
     more = "" if mask.sum() <= _ROWS_SHOWN else f" (and {int(mask.sum()) - _ROWS_SHOWN} more)"
@@ -94,7 +95,7 @@ def _first_rows(mask: pd.Series) -> str:
 def _fail(path: Path, column: str, mask: pd.Series, problem: str) -> None:
     if mask.any():
         raise UserError(
-            f"manifest {path}, column '{column}': {problem} at line(s) {_first_rows(mask)}"
+            f"manifest {path}, column '{column}': {problem} at line(s) {first_lines(mask)}"
         )
 
 
