@@ -50,13 +50,18 @@ from transformers import AutoConfig, LlamaModel, PretrainedConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.model_flops import bench_config, blip2_image_flops, llama_flops  # noqa: E402
+from bench.model_flops import (  # noqa: E402
+    bench_config,
+    blip2_image_flops,
+    llama_flops,
+    vit_tokens,
+)
 from bench.throughput import (  # noqa: E402
     length_batches,
     matmul_flops_per_second,
     padding_share,
 )
-from cache.store import read_features  # noqa: E402
+from cache.store import FeatureSet, read_features  # noqa: E402
 from extract.blip2 import Blip2ImageQFormer  # noqa: E402
 from extract.encoders import Encoder  # noqa: E402
 from extract.loaders import ENCODER_CLASSES, load_encoder  # noqa: E402
@@ -181,10 +186,9 @@ def naive_loop(
     return seconds, vectors
 
 
-def min_cosine(naive: list[np.ndarray], path: Path, keys: list[str]) -> float:
+def min_cosine(naive: list[np.ndarray], features: FeatureSet, keys: list[str]) -> float:
     """The lowest cosine between the naive loop's vectors and extract's for the same items."""
-    features = read_features(path)
-    ours = features.vectors[features.rows_of(keys, str(path))]
+    ours = features.vectors[features.rows_of(keys, "extract's feature file")]
     naive_array = np.stack(naive)
     cosine = (ours * naive_array).sum(1) / (
         np.linalg.norm(ours, axis=1) * np.linalg.norm(naive_array, axis=1)
@@ -284,15 +288,16 @@ def main() -> None:
             f"(image {ours[IMAGE]:.1f} s, text {ours[TEXT]:.1f} s; inside encode "
             f"{encode[IMAGE]:.1f} s and {encode[TEXT]:.1f} s)"
         )
+        features = {name: read_features(path) for name, path in outputs.items()}
         agreement = {
             IMAGE: min_cosine(
                 naive_vectors[IMAGE],
-                outputs[IMAGE],
+                features[IMAGE],
                 [file_key(manifest.parent / table["image_path"][row]) for row in rows],
             ),
             TEXT: min_cosine(
                 naive_vectors[TEXT],
-                outputs[TEXT],
+                features[TEXT],
                 [text_key(table["report_text"][row]) for row in rows],
             ),
         }
@@ -300,7 +305,6 @@ def main() -> None:
             f"same vectors: lowest cosine naive vs extract over the timed pairs: image "
             f"{agreement[IMAGE]:.4f}, text {agreement[TEXT]:.4f}"
         )
-        text_provenance = read_features(outputs[TEXT]).provenance
 
     max_length = fp32[TEXT].max_length
     lengths = [min(length, max_length) for length in fp32[TEXT].token_lengths(reports)]
@@ -310,7 +314,7 @@ def main() -> None:
     }
     # python -m extract records the share of its own batch plan (lengths sorted) in the run
     # record; it is also computed here for both orders, from the token lengths.
-    recorded = text_provenance.get("run", {}).get("padding_share")
+    recorded = features[TEXT].provenance.get("run", {}).get("padding_share")
     print(
         "padding share of the text batches: "
         + (f"{recorded:.1%} (extract's run record); " if recorded is not None else "")
@@ -319,7 +323,7 @@ def main() -> None:
     )
 
     flops = {
-        IMAGE: blip2_image_flops(configs[IMAGE]) * table["image_path"].nunique(),
+        IMAGE: blip2_image_flops(configs[IMAGE]) * len(features[IMAGE].keys),
         TEXT: sum(llama_flops(configs[TEXT], length) for length in lengths),
     }
     widths = {
@@ -330,7 +334,7 @@ def main() -> None:
         TEXT: (configs[TEXT].hidden_size, configs[TEXT].intermediate_size),
     }
     tokens_per_batch = {
-        IMAGE: args.batch_size * ((224 // 14) ** 2 + 1),
+        IMAGE: args.batch_size * vit_tokens(configs[IMAGE].vision_config),
         TEXT: args.batch_size * int(np.mean(lengths)),
     }
     rates = {}
@@ -342,7 +346,7 @@ def main() -> None:
         achieved = flops[name] / encode[name]
         rates[name] = {"achieved": achieved, "ceiling": ceiling, "flops": flops[name]}
         print(
-            f"{name} achieved {achieved / 1e9:.3g} GFLOP/s ({flops[name] / 1e12:.2f} TFLOP from "
+            f"{name} achieved {achieved / 1e9:.3g} GFLOP/s ({flops[name] / 1e12:.3g} TFLOP from "
             f"its config / {encode[name]:.1f} s in encode) = "
             f"{achieved / ceiling[dtype_of[name]]:.0%} of a plain {dtype_of[name]} matmul "
             f"[{tokens_per_batch[name]}x{widths[name][0]}]x[{widths[name][0]}x{widths[name][1]}]: "
@@ -355,7 +359,7 @@ def main() -> None:
         "processor": platform.processor() or platform.machine(),
         "threads": threads,
         "pairs": len(table),
-        "images": int(table["image_path"].nunique()),
+        "images": len(features[IMAGE].keys),
         "reports": len(reports),
         "configs": {name: config.to_dict() for name, config in configs.items()},
         "batch_size": args.batch_size,
