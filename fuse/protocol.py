@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -278,8 +279,10 @@ def run(config: ProtocolConfig) -> dict[str, Any]:
             else:
                 learning_rate_of[name] = (config.learning_rates or (config.learning_rate,))[0]
         settings = dataclasses.replace(config, learning_rate=learning_rate_of[name])
+        started = time.perf_counter()
         trained = _train(job, data, inputs, settings)
         probabilities = predict_proba(trained.model, inputs, settings.precision)
+        head_seconds = time.perf_counter() - started
         val = job.rows["val"].numpy()
         labels = data.labels.numpy()
         record = {
@@ -292,6 +295,7 @@ def run(config: ProtocolConfig) -> dict[str, Any]:
             "best_epoch": trained.best_epoch,
             "fallback_to_last_epoch": trained.fallback,
             "threshold": choose_threshold(labels[val], probabilities[val, -1]),
+            "seconds": round(head_seconds, 3),
         }
         records.append(record)
         frames.append(_prediction_frame(data, job, "head", probabilities, config.classes))
@@ -303,9 +307,11 @@ def run(config: ProtocolConfig) -> dict[str, Any]:
         if heads_folder and job.split.trial == 0 and job.split.fold == 0:
             _save_head(heads_folder / f"{name}.pt", trained, job, statistics, settings)
         if config.probes:
+            started = time.perf_counter()
             probe = fit_probe(
                 inputs, data.labels, job.rows["train"], job.rows["val"], job.split.seed
             )
+            probe_seconds = time.perf_counter() - started
             records.append(
                 {
                     **record,
@@ -315,6 +321,7 @@ def run(config: ProtocolConfig) -> dict[str, Any]:
                     "fallback_to_last_epoch": None,
                     "probe_c": probe.c,
                     "threshold": choose_threshold(labels[val], probe.probabilities[val, -1]),
+                    "seconds": round(probe_seconds, 3),
                 }
             )
             frames.append(
