@@ -61,16 +61,24 @@ from extract.registry import get_spec  # noqa: E402
 RESULTS = Path(__file__).parent / "results" / "extract_gpu.json"
 PAPER = {"pairs": 5799, "reports": 404}
 # Dense (no sparsity) bf16 tensor-core peaks with float32 accumulation, TFLOP/s, from NVIDIA's
-# datasheets; matched against torch.cuda.get_device_name(), first match wins.
+# datasheets; matched against torch.cuda.get_device_name(), first match wins (so the longer
+# names come first: "L40S" before "L40" before "L4").
 PEAK_TFLOPS = {
     "H100 PCIe": 756.0,
+    "H100 NVL": 835.0,
     "H100": 989.0,  # SXM
     "A100": 312.0,
     "L40S": 362.0,
+    "L40": 181.0,
     "RTX A6000": 154.8,  # the paper's GPUs
     "RTX 4090": 165.2,
     "L4": 121.0,
 }
+
+
+def datasheet_peak(device_name: str) -> tuple[str, float] | None:
+    """(table key, TFLOP/s) of the first PEAK_TFLOPS entry in the device's name, if any."""
+    return next(((key, tflops) for key, tflops in PEAK_TFLOPS.items() if key in device_name), None)
 
 
 def peak_flops(device: torch.device, override_tflops: float) -> tuple[float, str]:
@@ -78,9 +86,9 @@ def peak_flops(device: torch.device, override_tflops: float) -> tuple[float, str
     if override_tflops:
         return override_tflops * 1e12, "--peak-tflops"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-    for key, tflops in PEAK_TFLOPS.items():
-        if key in name:
-            return tflops * 1e12, f"datasheet dense bf16 peak of {key}"
+    known = datasheet_peak(name) if device.type == "cuda" else None
+    if known:
+        return known[1] * 1e12, f"datasheet dense bf16 peak of {known[0]}"
     side = 4096 if device.type == "cuda" else 1024  # large enough to saturate each
     measured = matmul_flops_per_second(side, side, side, torch.bfloat16, device)
     return measured, f"a {side}^3 bf16 matmul measured now on {name or device.type} (no datasheet)"

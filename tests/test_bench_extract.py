@@ -12,6 +12,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoConfig, Blip2Config, LlamaModel
 
+from bench.extract_gpu import datasheet_peak, peak_flops
 from bench.model_flops import bench_config, blip2_image_flops, llama_flops
 from bench.throughput import length_batches, padding_share
 from extract.blip2 import Blip2ImageQFormer
@@ -141,3 +142,25 @@ def test_extract_gpu_bench_smoke_prints_rates_mfu_peak_and_ratio():
     assert any(re.match(r"images: .* naive [\d.e+-]+/s \(MFU .*ours", line) for line in lines)
     assert any(re.match(r"reports: .* padding share [\d.]+%", line) for line in lines)
     assert re.search(r"ratio: \d+(\.\d+)?$", lines[-1])
+
+
+@pytest.mark.parametrize(
+    ("device_name", "tflops"),
+    [
+        ("NVIDIA H100 80GB HBM3", 989.0),
+        ("NVIDIA H100 PCIe", 756.0),
+        ("NVIDIA A100-SXM4-80GB", 312.0),
+        ("NVIDIA L40S", 362.0),
+        ("NVIDIA L40", 181.0),
+        ("NVIDIA L4", 121.0),
+        ("NVIDIA RTX A6000", 154.8),
+        ("NVIDIA GeForce RTX 4090", 165.2),
+    ],
+)
+def test_gpu_peak_is_the_datasheet_figure_of_the_device(device_name: str, tflops: float):
+    assert datasheet_peak(device_name)[1] == tflops
+
+
+def test_unknown_device_and_override_peaks():
+    assert datasheet_peak("NVIDIA Tesla T4") is None
+    assert peak_flops(torch.device("cpu"), 100.0) == (1e14, "--peak-tflops")
