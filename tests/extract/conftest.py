@@ -44,8 +44,9 @@ def small_table(tmp_path: Path) -> pd.DataFrame:
         {
             "image_path": [f"images/{name}.png" for name in ("a", "b", "c", "d", "a", "copy")],
             "report_text": [REPORTS[0], REPORTS[1], REPORTS[2], f"  {REPORTS[0]}\n", *REPORTS[1:]],
-            "label": ["VCD", "GC", "GC", "VCD", "VCD", "GC"],
-            "patient_id": ["p1", "p2", "p3", "p1", "p1", "p2"],
+            "label": ["VCD", "GC", "GC", "VCD", "VCD", "VCD"],
+            # copy.png is a's bytes, so it belongs to a's patient: one image, one patient
+            "patient_id": ["p1", "p2", "p3", "p1", "p1", "p1"],
         }
     )
 
