@@ -19,8 +19,9 @@ by side:
    measured in this run, in float32 and bfloat16: this machine's ceiling;
 4. the padding share of the text batches.
 
-The mid-size configs keep the real pair's balance (a report costs LLaMA about 3x what an
-image costs the ViT; Llama-3-8B on a 75-token report vs ViT-g is about 2x). The last line
+The mid-size configs keep the real pair's balance: a report costs LLaMA about 3x what an
+image costs the ViT (Llama-3-8B on a 75-token report vs ViT-g: about 2x), and the Q-Former,
+which BLIP-2 keeps in float32, about 2% of an image's FLOPs (ViT-g's Q-Former: 2.4%). The last line
 ends in `ratio: N` (naive seconds over extract's). Writes bench/results/extract_cpu.json
 (not with --smoke).
 
