@@ -119,6 +119,7 @@ def load_cached_rows(
     classes: Sequence[str],
     *,
     image_root: str | Path | None = None,
+    labels_per_exam: bool = False,
     expect_weights: str = "",
     expect_dtype: str = "",
 ) -> CachedRows:
@@ -135,6 +136,7 @@ def load_cached_rows(
     Args:
         image_root: where images may be read to check their content; None: the
             manifest's folder.
+        labels_per_exam: a patient's exams may have different labels (see load_manifest).
         expect_weights: "" (any), "tiny" or "real": the weights every file must come from.
         expect_dtype: "" (any) or the dtype every file must have been extracted in.
 
@@ -143,7 +145,9 @@ def load_cached_rows(
             images or of another data set, files whose weights or dtype disagree, or no
             pair with a vector in every file.
     """
-    table = load_manifest(manifest_path, classes, check_images=False).reset_index(drop=True)
+    table = load_manifest(
+        manifest_path, classes, check_images=False, labels_per_exam=labels_per_exam
+    ).reset_index(drop=True)
     index = index_feature_files(feature_paths)
     stored: dict[FeatureId, _Stored] = {}
     for feature in dict.fromkeys(needed):

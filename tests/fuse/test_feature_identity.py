@@ -278,3 +278,13 @@ def test_weights_kind_dtype_and_checkpoint_agree(synthetic_cache, image, text, o
     assert str(caught.value) == error.format(
         image=synthetic_cache["image"], text=synthetic_cache["text"]
     )
+
+
+def test_a_patient_with_two_labels_needs_labels_per_exam(study):
+    table = pd.read_csv(study["manifest"], dtype=str, keep_default_na=False)
+    table.loc[1, ["report_text", "label"]] = ["报告 0 复查", "GC"]  # a second exam of P0
+    table.to_csv(study["manifest"], index=False)
+    extract_synthetically(study["folder"], study["manifest"], *TEXT)
+    with pytest.raises(UserError, match="a patient has two labels"):
+        load(study)
+    assert load(study, labels_per_exam=True).labels.tolist()[:2] == [0, 1]
