@@ -105,6 +105,7 @@ def load_manifest(
     check_images: bool = True,
     image_root: str | Path | None = None,
     labels_per_exam: bool = False,
+    allow_missing_images: bool = False,
 ) -> pd.DataFrame:
     """Read and validate a manifest.
 
@@ -118,6 +119,8 @@ def load_manifest(
         labels_per_exam: a patient's exams may have different labels (say, a benign
             lesion at one visit and a carcinoma at the next); each exam still has one.
             Exams are told apart by `exam_id` (by default one per patient and report).
+        allow_missing_images: with check_images, leave image files that do not exist to
+            extraction's screening, which skips and records them, instead of refusing.
 
     Returns:
         The table with every optional column present: `exam_id` defaults to one exam per
@@ -177,7 +180,10 @@ def load_manifest(
         )
         folder = path.parent
         absent = ~table["image_path"].map(lambda image: _locate(path, image).is_file())
-        _fail(path, "image_path", absent, f"image file not found (paths are relative to {folder})")
+        if not allow_missing_images:
+            _fail(
+                path, "image_path", absent, f"image file not found (paths are relative to {folder})"
+            )
         identity = table["image_path"].map(lambda image: _content(_locate(path, image)))
         what = "the same image content"
     else:
@@ -231,8 +237,10 @@ def _conflict(path: Path, table: pd.DataFrame, column: str, groups: pd.Series, p
 
 
 def _content(image: Path) -> str:
-    # Empty files all hash alike but are not one image: extraction skips them as bad input.
-    return file_key(image) if image.stat().st_size else os.path.normpath(image)
+    # Empty files all hash alike but are not one image: extraction skips them as bad input,
+    # like missing ones, so both are told apart by path.
+    present = image.is_file() and image.stat().st_size
+    return file_key(image) if present else os.path.normpath(image)
 
 
 def _root(manifest_path: Path, image_root: str | Path | None) -> Path:

@@ -63,6 +63,11 @@ def test_missing_image_is_reported_unless_images_are_not_needed(tmp_path):
     with pytest.raises(UserError, match=r"'image_path': image file not found.* line\(s\) 5"):
         load_manifest(path, CLASSES)
     assert len(load_manifest(path, CLASSES, check_images=False)) == 4
+    # Left to screening (extraction without --strict), the other checks still run.
+    assert len(load_manifest(path, CLASSES, allow_missing_images=True)) == 4
+    (tmp_path / "images" / "2.png").write_bytes((tmp_path / "images" / "0.png").read_bytes())
+    with pytest.raises(UserError, match="the same image content is under two patients"):
+        load_manifest(path, CLASSES, allow_missing_images=True)
 
 
 def test_unknown_label(tmp_path):
