@@ -62,6 +62,7 @@ NOT_IDENTITY = frozenset(
         "run",
     }
 )
+LONG_REPORT_COUNTS = ("truncated_reports", "windowed_reports")  # of Encoder.run_record
 REPORT_NAME_CHARS = 40  # of a report, in messages and in the skipped items' names
 # Set by every launcher that starts several processes (torchrun, mpirun).
 _RANK_VARS = ("WORLD_SIZE", "LOCAL_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
@@ -145,24 +146,47 @@ def _report_name(key: str, report: str) -> str:
     return f"{key} {report[:REPORT_NAME_CHARS]}"
 
 
-def unique_items(table: pd.DataFrame, manifest_path: str | Path, modality: str) -> UniqueItems:
+def check_images(
+    paths: Sequence[str], manifest_path: str | Path, show_progress: bool = False
+) -> dict[str, tuple[str, str | None]]:
+    """Screen (extract.screening) and key every image file in one read of each.
+
+    Returns:
+        Per manifest image path (key, None) for a usable image, ("", reason) for one that
+        is missing, empty, of another kind or damaged.
+    """
+    checks = {}
+    for path in tqdm(paths, desc="checking images", unit="image", disable=not show_progress):
+        file = image_file(manifest_path, path)
+        reason = screen_image(file)
+        checks[path] = ("", reason) if reason else (file_key(file), None)
+    return checks
+
+
+def unique_items(
+    table: pd.DataFrame,
+    manifest_path: str | Path,
+    modality: str,
+    image_checks: Mapping[str, tuple[str, str | None]],
+) -> UniqueItems:
     """Key every image file (by its bytes), report (by its normalised text) or image-report
     pair (by both keys) of `table`, leaving out the items screening finds unusable.
 
-    The pass that hashes every image also screens it (extract.screening): a missing,
-    empty, foreign or damaged file is skipped with its reason, and so is an unusable
-    report, and a pair either of whose halves is.
+    Args:
+        image_checks: check_images of the table's image paths (unused for reports).
+
+    A bad image is skipped with its reason, and so is an unusable report, and a pair
+    either of whose halves is.
     """
     skipped: dict[str, str] = {}
     sources: dict[str, str] = {}
     if modality in ("image", "pair"):
         for path in table["image_path"].unique():
-            file = image_file(manifest_path, path)
-            reason = screen_image(file)
+            key, reason = image_checks[path]
             if reason:
                 skipped[path] = reason
             else:
-                sources[path] = file_key(file)
+                sources[path] = key
     bad_reports: set[str] = set()
     if modality in ("text", "pair"):
         for report in table["report_text"].unique():
@@ -277,12 +301,10 @@ def _on_main_process(state: PartialState, action: Callable[[], Result]) -> Resul
     return _on_every_process(state, action if state.is_main_process else lambda: None)[0]
 
 
-def _token_lengths(encoder: Encoder, keys: Sequence[str], texts: Sequence[str]) -> dict[str, int]:
-    """Tokens per report as encode() pads it: after truncation to max_length."""
-    encoded = encoder.tokenizer(
-        list(texts), truncation=True, max_length=encoder.max_length, verbose=False
-    )["input_ids"]
-    return {key: len(ids) for key, ids in zip(keys, encoded, strict=True)}
+def _padded_lengths(encoder: Encoder, keys: Sequence[str], texts: Sequence[str]) -> dict[str, int]:
+    """Tokens per report in its padded batch row: its length, at most max_length."""
+    lengths = encoder.token_lengths(texts)
+    return {key: min(length, encoder.max_length) for key, length in zip(keys, lengths, strict=True)}
 
 
 def _batches(
@@ -316,8 +338,9 @@ def _encode(
     parts: Parts,
     config: ExtractConfig,
     show_progress: bool,
-) -> None:
-    """Encode `batches` and save each as a part as soon as it is done."""
+) -> dict[str, Any]:
+    """Encode `batches` and save each as a part as soon as it is done; return what the
+    encoder counted (long reports truncated or windowed)."""
     input_of_key = dict(zip(items.keys, items.inputs, strict=True))
     name_of_key = dict(zip(items.keys, items.names, strict=True))
     progress = tqdm(
@@ -335,6 +358,7 @@ def _encode(
             check_finite([name_of_key[key] for key in batch], vectors, encoder.spec.name)
             parts.write(batch, vectors)
             progress.update(len(batch))
+    return encoder.run_record()
 
 
 def _provenance(config: ExtractConfig, spec: EncoderSpec, encoder: Encoder) -> dict[str, Any]:
@@ -413,7 +437,7 @@ def _prepare(
     lengths = None
     if encoder.spec.modality == "text":
         text_of_key = dict(zip(items.keys, items.inputs, strict=True))
-        lengths = _token_lengths(encoder, todo, [text_of_key[key] for key in todo])
+        lengths = _padded_lengths(encoder, todo, [text_of_key[key] for key in todo])
     batches = plan_batches(todo, batch_size, parts.planned_batches(), lengths)
     parts.start(batches)
     pending = [batch for batch in batches if not parts.done(batch)]
@@ -488,6 +512,32 @@ def run(config: ExtractConfig) -> Path:
         return _locked_run(config, spec, registry, table, state, out)
 
 
+def _run_record(
+    encoded: list[int],
+    plan: _Plan,
+    items: UniqueItems,
+    encoder: Encoder,
+    records: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """How this run went (kept apart from the vectors' provenance): per process the items
+    it encoded, what was reused, skipped, padded, and the encoders' counts of long reports
+    (over the reports this run encoded) summed over the processes."""
+    record: dict[str, Any] = {
+        "num_processes": len(encoded),
+        "encoded_per_process": encoded,
+        "encoded": sum(encoded),
+        "reused_from_file": plan.from_file,
+        "reused_from_parts": plan.from_parts,
+        "skipped": len(items.skipped),
+        "padding_share": plan.padding_share,
+        "padding_share_unsorted": plan.padding_share_unsorted,
+    }
+    if encoder.tokenizer is not None:
+        counts = {name: sum(each[name] for each in records) for name in LONG_REPORT_COUNTS}
+        record["long_reports"] = {**records[0], **counts}
+    return record
+
+
 def _locked_run(
     config: ExtractConfig,
     spec: EncoderSpec,
@@ -496,7 +546,19 @@ def _locked_run(
     state: PartialState,
     out: Path,
 ) -> Path:
-    items = unique_items(table, config.manifest, spec.modality)
+    """run() once this run holds the output's lock: screen, plan, encode, consolidate."""
+    paths = list(table["image_path"].unique()) if spec.modality != "text" else []
+    # Each process reads its share of the images; the checks (keys, reasons) are shared.
+    checked = _on_every_process(
+        state,
+        lambda: check_images(
+            paths[state.process_index :: state.num_processes],
+            config.manifest,
+            show_progress=state.is_main_process,
+        ),
+    )
+    checks = {path: check for part in checked for path, check in part.items()}
+    items = unique_items(table, config.manifest, spec.modality, checks)
     if items.skipped and config.strict:
         raise UserError(f"--strict: {_skipped_summary(items.skipped)}")
     if state.is_main_process:
@@ -516,20 +578,11 @@ def _locked_run(
     parts = Parts(out, encoder_identity(provenance))
     shares = [plan.pending[rank :: state.num_processes] for rank in range(state.num_processes)]
     mine = shares[state.process_index]
-    _on_every_process(
+    records = _on_every_process(
         state, lambda: _encode(encoder, mine, items, parts, config, state.is_main_process)
     )
     encoded = [sum(len(batch) for batch in share) for share in shares]
-    provenance["run"] = {
-        "num_processes": state.num_processes,
-        "encoded_per_process": encoded,
-        "encoded": sum(encoded),
-        "reused_from_file": plan.from_file,
-        "reused_from_parts": plan.from_parts,
-        "skipped": len(items.skipped),
-        "padding_share": plan.padding_share,
-        "padding_share_unsorted": plan.padding_share_unsorted,
-    }
+    provenance["run"] = _run_record(encoded, plan, items, encoder, records)
     if state.is_main_process:
         features = _consolidate(out, provenance, items, encoder)
         print(
