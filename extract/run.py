@@ -503,8 +503,14 @@ def run(config: ExtractConfig) -> Path:
     require_paths(config, "model", "manifest", "out")
     registry = load_registry(config.registry)
     spec = _resolve_spec(config, registry)
-    # Reports can be re-encoded where the images are not (a laptop, another LLM).
-    table = load_manifest(config.manifest, config.classes, check_images=spec.modality != "text")
+    # Reports can be re-encoded where the images are not (a laptop, another LLM). Missing
+    # image files are skipped by screening like other bad ones, unless --strict.
+    table = load_manifest(
+        config.manifest,
+        config.classes,
+        check_images=spec.modality != "text",
+        allow_missing_images=not config.strict,
+    )
     state = _process_state(config.device)
     out = Path(config.out)
     with ExitStack() as held:

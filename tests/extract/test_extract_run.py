@@ -187,8 +187,8 @@ def test_bad_manifest_is_reported_before_any_encoder_loads(
     # With --weights hub and an empty cache, loading any encoder would fail: getting the
     # manifest's error instead proves validation comes first.
     manifest = write_manifest(break_manifest(small_table))
-    with pytest.raises(SystemExit) as exited:
-        main(_cli(model, manifest, tmp_path / "f.h5", "--weights", "hub"))
+    with pytest.raises(SystemExit) as exited:  # --strict: a missing image is not skipped
+        main(_cli(model, manifest, tmp_path / "f.h5", "--weights", "hub", "--strict", "true"))
     assert exited.value.code == 2
     message = capsys.readouterr().err
     assert expected in message

@@ -16,23 +16,27 @@ from extract.registry import get_spec
 from extract.run import ExtractConfig, run
 from pipeline.keys import file_key, normalise_text, text_key
 
-BAD_IMAGES = {"images/empty.png": "zero-byte", "images/notes.png": "not an image"}
+BAD_IMAGES = {
+    "images/empty.png": "zero-byte",
+    "images/notes.png": "not an image",
+    "images/absent.png": "missing",
+}
 
 
 @pytest.fixture
 def manifest(
     small_table: pd.DataFrame, write_manifest: Callable[[pd.DataFrame], Path], tmp_path: Path
 ) -> Path:
-    """The small manifest plus a zero-byte image and a text file named .png, and a report
-    holding a control character."""
+    """The small manifest plus a zero-byte image, a text file named .png, an image file
+    that does not exist, and a report holding a control character."""
     (tmp_path / "images" / "empty.png").write_bytes(b"")
     (tmp_path / "images" / "notes.png").write_text("not a picture", encoding="utf-8")
     bad_rows = pd.DataFrame(
         {
             "image_path": [*BAD_IMAGES, "images/c.png"],
-            "report_text": ["声带光滑。", "声带充血。", "声门下\x07可见新生物。"],
-            "label": ["VCD", "GC", "GC"],
-            "patient_id": ["p4", "p5", "p3"],
+            "report_text": ["声带光滑。", "声带充血。", "声带水肿。", "声门下\x07可见新生物。"],
+            "label": ["VCD", "GC", "VCD", "GC"],
+            "patient_id": ["p4", "p5", "p7", "p3"],
         }
     )
     return write_manifest(pd.concat([small_table.iloc[:5], bad_rows], ignore_index=True))
@@ -51,9 +55,9 @@ def test_bad_images_are_skipped_recorded_and_summarised(
     assert features.skipped == BAD_IMAGES
     assert len(features.keys) == 4  # a, b, c, d: the run went on
     assert set(features.sources) == {f"images/{name}.png" for name in "abcd"}
-    assert features.provenance["run"]["skipped"] == 2
+    assert features.provenance["run"]["skipped"] == 3
     warning = capsys.readouterr().err
-    assert "warning: skipping 2 bad item(s) (zero-byte: 1, not an image: 1)" in warning
+    assert "warning: skipping 3 bad item(s) (zero-byte: 1, not an image: 1, missing: 1)" in warning
     assert "first: images/empty.png (zero-byte); images/notes.png (not an image)" in warning
 
 
@@ -75,12 +79,25 @@ def test_bad_reports_are_skipped_by_text_encoders(manifest: Path, tmp_path: Path
     assert file_key(manifest) == features.provenance["manifest"]["sha256"]
 
 
+@pytest.mark.parametrize(
+    ("keep_missing_file", "expected"),
+    [
+        (True, "column 'image_path': image file not found"),  # the manifest check
+        (False, "error: --strict: 2 bad item(s) (zero-byte: 1, not an image: 1); first: "),
+    ],
+)
 def test_strict_refuses_bad_items_before_any_encoder_loads(
+    keep_missing_file: bool,
+    expected: str,
     manifest: Path,
+    write_manifest: Callable[[pd.DataFrame], Path],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture,
 ) -> None:
+    if not keep_missing_file:
+        table = pd.read_csv(manifest)
+        manifest = write_manifest(table[table["image_path"] != "images/absent.png"])
     # With --weights hub and an empty cache, loading the encoder would fail: getting the
     # --strict error instead proves the items are checked first.
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
@@ -91,6 +108,6 @@ def test_strict_refuses_bad_items_before_any_encoder_loads(
     err = capsys.readouterr().err
     assert "Traceback" not in err
     message = err.splitlines()[-1]  # after the images' progress bar
-    assert message.startswith("error: --strict: 2 bad item(s) (zero-byte: 1, not an image: 1)")
+    assert expected in message
     assert get_spec("blip2-qformer").source not in message
     assert not (tmp_path / "image.h5").exists()
