@@ -46,9 +46,9 @@ def write_atomically(path: Path, write: Callable[[Path], None], *, hook_point: s
     Raises:
         UserError: the write or the rename failed with an OSError; `path` is as it was.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + PARTIAL_SUFFIX)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         write(temporary)
         _fsync(temporary)
         fault_hook.reached(hook_point)

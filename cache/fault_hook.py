@@ -3,8 +3,9 @@
 Tests of crash safety set VLMF_EXTRACT_PAUSE_AT=POINT:N (e.g. `part-write:3`) and the
 process SIGKILLs itself the N-th time it reaches POINT, as a power cut or an OOM kill
 would stop it. Points: `batch` (a batch is encoded, its part not yet written),
-`part-write` (a part's temporary file is written, not yet renamed) and `consolidate`
-(the feature file's temporary file is written, not yet renamed). Unset, it does nothing.
+`plan-write` and `part-write` (the plan's or a part's temporary file is written, not yet
+renamed) and `consolidate` (the feature file's temporary file is written, not yet
+renamed). Unset, it does nothing.
 """
 
 from __future__ import annotations

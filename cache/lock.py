@@ -87,15 +87,18 @@ def output_lock(target: Path, wait_seconds: float = 0) -> Iterator[None]:
         UserError: another live process holds the lock (after waiting), naming it.
     """
     path = lock_path(target)
-    path.parent.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + wait_seconds
-    while (descriptor := _try_lock(path)) is None:
-        if time.monotonic() >= deadline:
-            raise UserError(
-                f"{target} is being written by another run ({_holder(path)}); wait for it "
-                "to finish or pass --wait-for-lock SECONDS"
-            )
-        time.sleep(_POLL_SECONDS)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        while (descriptor := _try_lock(path)) is None:
+            if time.monotonic() >= deadline:
+                raise UserError(
+                    f"{target} is being written by another run ({_holder(path)}); wait for "
+                    "it to finish or pass --wait-for-lock SECONDS"
+                )
+            time.sleep(_POLL_SECONDS)
+    except OSError as error:  # a folder that cannot be written to
+        raise UserError(f"cannot create the lock file {path}: {error.strerror}") from None
     try:
         _sign(descriptor)
         yield

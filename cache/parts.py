@@ -54,17 +54,16 @@ class Parts:
     def start(self, batches: Sequence[Batch]) -> None:
         """Record the plan and delete everything else: parts of other identities or batches,
         unreadable parts and temporary files of killed writes (main process only)."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        wanted = {self.path(batch): batch for batch in batches}
-        for path in self.folder.iterdir():
-            if path.name != PLAN_FILE and not (path in wanted and self._holds(path, wanted[path])):
-                path.unlink()
         text = json.dumps({"identity": self.identity, "batches": [list(b) for b in batches]})
-        write_atomically(
+        write_atomically(  # creates the folder, or fails as one UserError line
             self.folder / PLAN_FILE,
             lambda temporary: temporary.write_text(text, encoding="utf-8"),
             hook_point="plan-write",
         )
+        wanted = {self.path(batch): batch for batch in batches}
+        for path in self.folder.iterdir():
+            if path.name != PLAN_FILE and not (path in wanted and self._holds(path, wanted[path])):
+                path.unlink()
 
     @staticmethod
     def _holds(path: Path, batch: Batch) -> bool:

@@ -136,3 +136,15 @@ def test_no_space_for_a_part_stops_with_one_line_and_no_temporary_file(
         run(_config(manifest, tmp_path / "image.h5"))
     assert not (tmp_path / "image.h5").exists()
     assert _temporary_files(tmp_path) == []
+
+
+def test_a_read_only_output_folder_is_one_line(
+    manifest: Path, small_disk: Path, capsys: pytest.CaptureFixture
+) -> None:
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    with pytest.raises(SystemExit) as exited:
+        main(["--model", "llama3", "--manifest", str(manifest), "--out", str(small_disk / "t.h5")])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == (
+        f"error: cannot create the lock file {small_disk / 't.h5.lock'}: Read-only file system\n"
+    )
