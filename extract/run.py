@@ -110,8 +110,8 @@ class ExtractConfig:
     )
     dtype: str = setting(
         "float32",
-        "model precision: float32, or float16/bfloat16 on a GPU (vectors are saved "
-        "as float32 either way)",
+        "model precision: float32, bfloat16 (a GPU, or a CPU with bf16 units) or float16 "
+        "(a GPU only); vectors are saved as float32 either way",
     )
     num_workers: int = setting(
         2,
@@ -125,8 +125,9 @@ class ExtractConfig:
     )
     strict: bool = setting(
         False,
-        "true: refuse (exit code 2) a manifest with any bad item (missing, empty, damaged "
-        "image; empty report) before any encoder loads; false: skip and record them",
+        "true: refuse (exit code 2) a manifest with any bad item (a missing, empty or "
+        "damaged image file; a report with control characters) before any encoder loads; "
+        "false: skip them, record them in the file and print a summary",
     )
 
 
@@ -276,7 +277,7 @@ def _device(name: str, state: PartialState) -> torch.device:
         raise UserError(f"--device {name}: expected auto, cpu, cuda or cuda:N") from None
 
 
-def _on_every_process(state: PartialState, action: Callable[[], Result]) -> list[Result]:
+def _on_every_process(action: Callable[[], Result]) -> list[Result]:
     """Run `action` on every process and return every process's result, in rank order.
 
     Also a barrier. A process whose action fails still takes part, so that the others
@@ -298,7 +299,7 @@ def _on_every_process(state: PartialState, action: Callable[[], Result]) -> list
 
 def _on_main_process(state: PartialState, action: Callable[[], Result]) -> Result:
     """Run `action` on the main process only; every process gets its result (or error)."""
-    return _on_every_process(state, action if state.is_main_process else lambda: None)[0]
+    return _on_every_process(action if state.is_main_process else lambda: None)[0]
 
 
 def _padded_lengths(encoder: Encoder, keys: Sequence[str], texts: Sequence[str]) -> dict[str, int]:
@@ -452,7 +453,7 @@ def _prepare(
 
 
 def _consolidate(
-    out: Path, provenance: dict[str, Any], items: UniqueItems, encoder: Encoder
+    out: Path, provenance: dict[str, Any], items: UniqueItems, encoder: Encoder, plan: _Plan
 ) -> FeatureSet:
     """Main process: the reused and the new vectors, in the order of first appearance,
     into the output file; then the parts go."""
@@ -460,8 +461,8 @@ def _consolidate(
     parts = Parts(out, identity)
     row_of_key = {key: row for row, key in enumerate(items.keys)}
     vectors = np.full((len(items.keys), encoder.width), np.nan, np.float32)
-    existing = _reusable_file(out, identity)
-    if existing is not None:
+    if plan.from_file:  # _prepare found the file reusable
+        existing = read_features(out)
         kept = [key for key in existing.keys if key in row_of_key]
         vectors[[row_of_key[key] for key in kept]] = existing.vectors[
             existing.rows_of(kept, str(out))
@@ -556,7 +557,6 @@ def _locked_run(
     paths = list(table["image_path"].unique()) if spec.modality != "text" else []
     # Each process reads its share of the images; the checks (keys, reasons) are shared.
     checked = _on_every_process(
-        state,
         lambda: check_images(
             paths[state.process_index :: state.num_processes],
             config.manifest,
@@ -585,12 +585,12 @@ def _locked_run(
     shares = [plan.pending[rank :: state.num_processes] for rank in range(state.num_processes)]
     mine = shares[state.process_index]
     records = _on_every_process(
-        state, lambda: _encode(encoder, mine, items, parts, config, state.is_main_process)
+        lambda: _encode(encoder, mine, items, parts, config, state.is_main_process)
     )
     encoded = [sum(len(batch) for batch in share) for share in shares]
     provenance["run"] = _run_record(encoded, plan, items, encoder, records)
     if state.is_main_process:
-        features = _consolidate(out, provenance, items, encoder)
+        features = _consolidate(out, provenance, items, encoder, plan)
         print(
             f"wrote {len(items.keys)} {spec.modality} vectors of width {features.width} "
             f"({spec.name}, {config.weights} weights) to {out}: encoded {sum(encoded)} "
