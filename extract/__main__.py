@@ -20,11 +20,11 @@ encoders such as ViLT, image-report pair of a manifest once with a frozen encode
 the vectors, keyed by content, to an HDF5 feature file with their provenance (encoder,
 weights fingerprint, pooling, dtype, ...). Image and pair files also get an image path ->
 image key table, so training later needs no images.
-The manifest is validated before any model loads; images that are missing, empty or
-damaged and unusable reports are skipped, recorded in the file and summarised (--strict
-true refuses them instead). Finished batches are saved at once, so running the same
-command again after a crash continues where it stopped, and an output that already holds
-every vector is left untouched ("up to date").
+The manifest is validated before any model loads; image files that are missing, empty or
+damaged and reports with control characters are skipped, recorded in the file and
+summarised (--strict true refuses them instead). Finished batches are saved at once, so
+running the same command again after a crash continues where it stopped, and an output
+that already holds every vector is left untouched ("up to date").
 
 python -m extract --list [--registry FILE] [--params params.yaml --section S] prints every
 encoder, built-in and from the registry file, with its modality, loader, pooling, width,
@@ -57,9 +57,15 @@ EXAMPLES = """\
   python -m extract --model blip2-qformer --weights hub \\
       --manifest data/manifest.csv --out features/image.h5
 
-  # several GPUs: one process per GPU, each encodes a share, the main one writes
-  accelerate launch --num_processes 4 -m extract --model blip2-qformer --weights hub \\
-      --manifest data/manifest.csv --out features/image.h5 --dtype float16
+  # several GPUs: one process per GPU, each encodes a share into parts, the main one
+  # writes the file (several CPU processes: add --device cpu; see the README's Long runs;
+  # accelerate launch --cpu would start one process only)
+  accelerate launch --multi_gpu --num_processes 4 -m extract --model blip2-qformer \\
+      --weights hub --manifest data/manifest.csv --out features/image.h5 --dtype float16
+
+  # killed, or out of disk? run the same command again: finished batches are kept (in
+  # FILE.h5.parts/). A second run on the same --out waits up to an hour for the first:
+  python -m extract --params params.yaml --section extract_text --wait-for-lock 3600
 
   # as the dvc pipeline calls it: settings from a params.yaml section, flags override
   python -m extract --params params.yaml --section extract_text"""

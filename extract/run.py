@@ -334,6 +334,7 @@ def _batches(
 
 def _encode(
     encoder: Encoder,
+    identity: str,
     batches: Sequence[Batch],
     items: UniqueItems,
     parts: Parts,
@@ -341,7 +342,17 @@ def _encode(
     show_progress: bool,
 ) -> dict[str, Any]:
     """Encode `batches` and save each as a part as soon as it is done; return what the
-    encoder counted (long reports truncated or windowed)."""
+    encoder counted (long reports truncated or windowed).
+
+    Raises:
+        UserError: this process's encoder identity is not the main process's (the parts
+            folder's): another node with other package versions, weights or device type.
+    """
+    if identity != parts.identity:
+        raise UserError(
+            "this process's encoder differs from the main process's (weights, package "
+            "versions, device type or settings): run every process with the same setup"
+        )
     input_of_key = dict(zip(items.keys, items.inputs, strict=True))
     name_of_key = dict(zip(items.keys, items.names, strict=True))
     progress = tqdm(
@@ -407,6 +418,7 @@ def _reusable_file(out: Path, identity: str) -> FeatureSet | None:
 class _Plan:
     """What the main process found on disk and decided, for every process to follow."""
 
+    identity: str  # the main process's encoder identity, which names the parts
     up_to_date: bool
     from_file: int  # items whose vectors the existing output already holds
     from_parts: int  # items whose batches an interrupted run finished
@@ -433,7 +445,7 @@ def _prepare(
         # Left by a run of another encoder identity, or killed while writing this file.
         parts.remove()
         out.with_name(out.name + PARTIAL_SUFFIX).unlink(missing_ok=True)
-        return _Plan(True, len(held), 0, [], None, None)
+        return _Plan(identity, True, len(held), 0, [], None, None)
     todo = [key for key in items.keys if key not in held]
     lengths = None
     if encoder.spec.modality == "text":
@@ -449,7 +461,7 @@ def _prepare(
         padding = padding_share(pending, lengths)
         unsorted = padding_share(plan_batches(pending_keys, batch_size), lengths)
     from_parts = len(todo) - sum(len(batch) for batch in pending)
-    return _Plan(False, len(held), from_parts, pending, padding, unsorted)
+    return _Plan(identity, False, len(held), from_parts, pending, padding, unsorted)
 
 
 def _consolidate(
@@ -581,11 +593,18 @@ def _locked_run(
         if state.is_main_process:
             print(f"{out} is up to date: it holds all {len(items.keys)} {spec.modality} vectors")
         return out
-    parts = Parts(out, encoder_identity(provenance))
+    parts = Parts(out, plan.identity)
     shares = [plan.pending[rank :: state.num_processes] for rank in range(state.num_processes)]
-    mine = shares[state.process_index]
     records = _on_every_process(
-        lambda: _encode(encoder, mine, items, parts, config, state.is_main_process)
+        lambda: _encode(
+            encoder,
+            encoder_identity(provenance),
+            shares[state.process_index],
+            items,
+            parts,
+            config,
+            state.is_main_process,
+        )
     )
     encoded = [sum(len(batch) for batch in share) for share in shares]
     provenance["run"] = _run_record(encoded, plan, items, encoder, records)

@@ -109,3 +109,11 @@ def test_the_lock_is_released_after_a_failed_run(manifest: Path, tmp_path: Path)
     with pytest.raises(UserError, match="needs a GPU"):  # raised while holding the lock
         run(_config(manifest, out, dtype="float16", device="cpu"))
     assert read_features(run(_config(manifest, out))).keys
+
+
+def test_help_explains_the_lock_resume_and_strict_flags(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    help_text = capsys.readouterr().out
+    for text in ("--wait-for-lock", "FILE.h5.lock", "FILE.h5.parts/", "--strict", "--multi_gpu"):
+        assert text in help_text
