@@ -440,7 +440,8 @@ def _prepare(
         and list(existing.keys) == items.keys
         and dict(existing.sources) == items.sources
         and dict(existing.skipped) == items.skipped
-        and existing.provenance["manifest"]["sha256"] == provenance["manifest"]["sha256"]
+        and existing.provenance.get("manifest", {}).get("sha256")
+        == provenance["manifest"]["sha256"]
     ):
         # Left by a run of another encoder identity, or killed while writing this file.
         parts.remove()
