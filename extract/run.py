@@ -224,6 +224,12 @@ def _skipped_summary(skipped: dict[str, str]) -> str:
     return f"{len(skipped)} bad item(s) ({by_reason}); first: {first}"
 
 
+def _summarise_skipped(skipped: dict[str, str]) -> None:
+    """At the end of a run, so that it is not lost above the progress bars."""
+    if skipped:
+        print(f"warning: skipped {_skipped_summary(skipped)}", file=sys.stderr)
+
+
 def _resolve_spec(config: ExtractConfig, registry: Registry) -> EncoderSpec:
     spec = registry.get(config.model)
     if config.pooling == "auto":
@@ -582,8 +588,6 @@ def _locked_run(
         raise UserError(f"--strict: {_skipped_summary(items.skipped)}")
     if state.is_main_process:
         _warn_about_broken_entries(registry, config.model)
-        if items.skipped:
-            print(f"warning: skipping {_skipped_summary(items.skipped)}", file=sys.stderr)
     device = _device(config.device, state)
     encoder = load_encoder(spec, config.weights, device, torch_dtype(config.dtype, device))
     provenance = _provenance(config, spec, encoder)
@@ -593,6 +597,7 @@ def _locked_run(
     if plan.up_to_date:
         if state.is_main_process:
             print(f"{out} is up to date: it holds all {len(items.keys)} {spec.modality} vectors")
+            _summarise_skipped(items.skipped)
         return out
     parts = Parts(out, plan.identity)
     shares = [plan.pending[rank :: state.num_processes] for rank in range(state.num_processes)]
@@ -622,4 +627,5 @@ def _locked_run(
                 f"padding: {plan.padding_share:.1%} of report tokens "
                 f"({plan.padding_share_unsorted:.1%} without sorting by length)"
             )
+        _summarise_skipped(items.skipped)
     return out

@@ -51,14 +51,17 @@ def _config(model: str, manifest: Path, out: Path, **overrides) -> ExtractConfig
 def test_bad_images_are_skipped_recorded_and_summarised(
     manifest: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    features = read_features(run(_config("blip2-qformer", manifest, tmp_path / "image.h5")))
+    config = _config("blip2-qformer", manifest, tmp_path / "image.h5")
+    features = read_features(run(config))
     assert features.skipped == BAD_IMAGES
     assert len(features.keys) == 4  # a, b, c, d: the run went on
     assert set(features.sources) == {f"images/{name}.png" for name in "abcd"}
     assert features.provenance["run"]["skipped"] == 3
     warning = capsys.readouterr().err
-    assert "warning: skipping 3 bad item(s) (zero-byte: 1, not an image: 1, missing: 1)" in warning
+    assert "warning: skipped 3 bad item(s) (zero-byte: 1, not an image: 1, missing: 1)" in warning
     assert "first: images/empty.png (zero-byte); images/notes.png (not an image)" in warning
+    run(config)  # up to date: the summary is repeated, the file not rewritten
+    assert "warning: skipped 3 bad item(s)" in capsys.readouterr().err
 
 
 def test_pairs_with_a_bad_half_are_skipped(manifest: Path, tmp_path: Path) -> None:
