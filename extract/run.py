@@ -123,6 +123,15 @@ class ExtractConfig:
         "seconds to wait while another run writes the same --out (0: refuse at once, exit "
         "code 2, naming the other run)",
     )
+    image_root: str = setting(
+        "",
+        "folder every image must lie in (paths stay relative to the manifest's folder); "
+        "empty: the manifest's folder, so paths like ../x.png are refused",
+    )
+    labels_per_exam: bool = setting(
+        False,
+        "true: a patient's exams (exam_id) may have different labels; false: one label per patient",
+    )
     strict: bool = setting(
         False,
         "true: refuse (exit code 2) a manifest with any bad item (a missing, empty or "
@@ -148,7 +157,10 @@ def _report_name(key: str, report: str) -> str:
 
 
 def check_images(
-    paths: Sequence[str], manifest_path: str | Path, show_progress: bool = False
+    paths: Sequence[str],
+    manifest_path: str | Path,
+    show_progress: bool = False,
+    image_root: str | Path | None = None,
 ) -> dict[str, tuple[str, str | None]]:
     """Screen (extract.screening) and key every image file in one read of each.
 
@@ -158,7 +170,7 @@ def check_images(
     """
     checks = {}
     for path in tqdm(paths, desc="checking images", unit="image", disable=not show_progress):
-        file = image_file(manifest_path, path)
+        file = image_file(manifest_path, path, image_root)
         reason = screen_image(file)
         checks[path] = ("", reason) if reason else (file_key(file), None)
     return checks
@@ -169,12 +181,14 @@ def unique_items(
     manifest_path: str | Path,
     modality: str,
     image_checks: Mapping[str, tuple[str, str | None]],
+    image_root: str | Path | None = None,
 ) -> UniqueItems:
     """Key every image file (by its bytes), report (by its normalised text) or image-report
     pair (by both keys) of `table`, leaving out the items screening finds unusable.
 
     Args:
         image_checks: check_images of the table's image paths (unused for reports).
+        image_root: the folder images may lie in; None: the manifest's folder.
 
     A bad image is skipped with its reason, and so is an unusable report, and a pair
     either of whose halves is.
@@ -199,14 +213,14 @@ def unique_items(
     names: dict[str, str] = {}
     if modality == "image":
         for path, key in sources.items():  # identical files under two names: encode one
-            inputs.setdefault(key, image_file(manifest_path, path))
+            inputs.setdefault(key, image_file(manifest_path, path, image_root))
             names.setdefault(key, path)
     elif modality == "pair":
         for path, report in zip(table["image_path"], table["report_text"], strict=True):
             if path in sources and report not in bad_reports:
                 key = pair_key(sources[path], text_key(report))
                 text = normalise_text(report)
-                inputs.setdefault(key, (image_file(manifest_path, path), text))
+                inputs.setdefault(key, (image_file(manifest_path, path, image_root), text))
                 names.setdefault(key, f"{path} | {text[:REPORT_NAME_CHARS]}")
     else:
         for report in table["report_text"]:
@@ -530,6 +544,8 @@ def run(config: ExtractConfig) -> Path:
         config.classes,
         check_images=spec.modality != "text",
         allow_missing_images=not config.strict,
+        image_root=config.image_root or None,
+        labels_per_exam=config.labels_per_exam,
     )
     state = _process_state(config.device)
     out = Path(config.out)
@@ -580,10 +596,13 @@ def _locked_run(
             paths[state.process_index :: state.num_processes],
             config.manifest,
             show_progress=state.is_main_process,
+            image_root=config.image_root or None,
         ),
     )
     checks = {path: check for part in checked for path, check in part.items()}
-    items = unique_items(table, config.manifest, spec.modality, checks)
+    items = unique_items(
+        table, config.manifest, spec.modality, checks, image_root=config.image_root or None
+    )
     if items.skipped and config.strict:
         raise UserError(f"--strict: {_skipped_summary(items.skipped)}")
     if state.is_main_process:

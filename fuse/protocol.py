@@ -81,6 +81,14 @@ class ProtocolConfig(HeadSettings):
     expect_dtype: str = setting(
         "", "dtype every feature file must have been extracted in (e.g. float16); empty: any"
     )
+    image_root: str = setting(
+        "",
+        "folder the manifest's images may lie in, read (when reachable) to check that the "
+        "feature files' image keys match their content; empty: the manifest's folder",
+    )
+    labels_per_exam: bool = setting(
+        False, "true: a patient's exams (exam_id) may have different labels"
+    )
 
 
 @dataclass
@@ -248,6 +256,8 @@ def run(config: ProtocolConfig) -> dict[str, Any]:
         config.classes,
         expect_weights=config.expect_weights,
         expect_dtype=config.expect_dtype,
+        image_root=config.image_root or None,
+        labels_per_exam=config.labels_per_exam,
     )
     plan = plan_trials(
         data.table, config.split, config.trials, config.folds, config.split_fractions, config.seed

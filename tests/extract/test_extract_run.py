@@ -322,3 +322,19 @@ def test_a_broken_user_entry_leaves_the_others_usable_with_a_warning(
     err = capsys.readouterr().err.splitlines()
     (warning,) = [line for line in err if line.startswith("warning")]
     assert warning.startswith(f"warning: skipped a registry entry: {registry}, encoder 'broken'")
+
+
+def test_images_outside_the_manifest_folder_need_an_image_root(
+    small_table: pd.DataFrame, tmp_path: Path
+) -> None:
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    manifest = lists / "manifest.csv"
+    small_table.assign(image_path="../" + small_table["image_path"]).to_csv(manifest, index=False)
+    out = tmp_path / "image.h5"
+    with pytest.raises(UserError, match=r"outside the image root"):
+        run(_config("blip2-qformer", manifest, out))
+
+    run(_config("blip2-qformer", manifest, out, image_root=str(tmp_path)))
+
+    assert len(read_features(out).keys) == UNIQUE_ITEMS["image"]

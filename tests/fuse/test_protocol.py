@@ -134,8 +134,20 @@ def test_missing_features_and_other_data_are_refused(synthetic_cache, tmp_path):
     manifest = pd.read_csv(synthetic_cache["manifest"], dtype=str, keep_default_na=False)
     manifest.loc[0, "image_path"] = "images/other.png"
     manifest.to_csv(synthetic_cache["manifest"], index=False)
-    with pytest.raises(UserError, match="no vector for 1 image.*images/other.png"):
-        run(config_for(synthetic_cache, tmp_path))
+
+    result = run(config_for(synthetic_cache, tmp_path / "one-missing"))
+
+    assert any(
+        f"1 of {len(manifest)} pair(s) have no vector" in note and "left out of every model" in note
+        for note in result["data"]["notes"]
+    ), result["data"]["notes"]
+    predictions = pd.read_parquet(tmp_path / "one-missing" / "predictions.parquet")
+    assert "images/other.png" not in set(predictions["image_path"])
+    assert predictions.groupby(["model", "head", "trial"]).size().eq(len(manifest) - 1).all()
+    manifest["report_text"] = "另一个数据集的报告"
+    manifest.to_csv(synthetic_cache["manifest"], index=False)
+    with pytest.raises(UserError, match="no pair of .* has a vector in every feature file"):
+        run(config_for(synthetic_cache, tmp_path / "other-data"))
 
 
 def test_report_tables_plots_and_small_dvc_metrics(synthetic_cache, tmp_path):
