@@ -165,11 +165,17 @@ def _train(
 
 def _search_learning_rate(
     job: _Job, data: CachedRows, inputs: list[torch.Tensor], config: ProtocolConfig
-) -> tuple[float, list[dict[str, float]]]:
-    tried = []
+) -> tuple[float, list[dict[str, float]], TrainedHead]:
+    """Train `job` once per learning rate; the lowest kept validation loss wins.
+
+    Returns:
+        The winning rate, what each rate gave, and the winner's head: the same head the
+        trial would train with that rate (same seed and settings), so it is not retrained.
+    """
+    tried, heads = [], {}
     for learning_rate in config.learning_rates:
         settings = dataclasses.replace(config, learning_rate=learning_rate)
-        trained = _train(job, data, inputs, settings)
+        trained = heads[learning_rate] = _train(job, data, inputs, settings)
         kept = trained.history[trained.best_epoch - 1]
         tried.append(
             {
@@ -181,7 +187,8 @@ def _search_learning_rate(
             }
         )
     eligible = [entry for entry in tried if not entry["fallback"]] or tried
-    return min(eligible, key=lambda entry: entry["val_loss"])["learning_rate"], tried
+    winner = min(eligible, key=lambda entry: entry["val_loss"])["learning_rate"]
+    return winner, tried, heads[winner]
 
 
 def _prediction_frame(
@@ -281,16 +288,18 @@ def run(config: ProtocolConfig) -> dict[str, Any]:
             standardise(raw, job.rows["train"]) if config.standardise else (raw, None)
         )
         name = job.model.name
+        started = time.perf_counter()
+        trained = None
         if name not in learning_rate_of:
             if len(config.learning_rates) > 1:
-                learning_rate_of[name], searches[name] = _search_learning_rate(
+                learning_rate_of[name], searches[name], trained = _search_learning_rate(
                     job, data, inputs, config
                 )
             else:
                 learning_rate_of[name] = (config.learning_rates or (config.learning_rate,))[0]
         settings = dataclasses.replace(config, learning_rate=learning_rate_of[name])
-        started = time.perf_counter()
-        trained = _train(job, data, inputs, settings)
+        if trained is None:
+            trained = _train(job, data, inputs, settings)
         probabilities = predict_proba(trained.model, inputs, settings.precision)
         head_seconds = time.perf_counter() - started
         val = job.rows["val"].numpy()

@@ -133,3 +133,49 @@ def test_user_registry_entry_extracts_from_a_saved_folder_with_no_code(
             key = features.sources["images/b.png"]
     stored = features.vectors[features.rows_of([key], name)][0]
     np.testing.assert_allclose(stored, expected.numpy(), atol=1e-4, rtol=1e-4)
+
+
+def test_fuse_trains_on_features_of_user_registry_encoders(tmp_path: Path) -> None:
+    environment = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+
+    def run_module(*arguments: str) -> subprocess.CompletedProcess:
+        finished = subprocess.run(
+            [sys.executable, "-m", *arguments],
+            cwd=REPO_ROOT,
+            env=environment,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert finished.returncode == 0, finished.stderr
+        return finished
+
+    demo = tmp_path / "demo"
+    run_module("pipeline.demo", "--out", str(demo), "--patients", "30", "--images-per-report", "3")
+    _bert_folder(tmp_path / "models" / "my-bert")
+    _vit_folder(tmp_path / "models" / "my-vit")
+    registry = tmp_path / "my_encoders.yaml"
+    registry.write_text(
+        "my-bert:\n  source: models/my-bert\n  modality: text\n  pooling: mean\n"
+        "my-vit:\n  source: models/my-vit\n  modality: image\n  pooling: cls\n",
+        encoding="utf-8",
+    )
+    manifest = str(demo / "manifest.csv")
+    features = [str(tmp_path / "features" / f"{name}.h5") for name in ("my-vit", "my-bert")]
+    for name, out in zip(("my-vit", "my-bert"), features, strict=True):
+        run_module(
+            "extract", "--registry", str(registry), "--model", name, "--weights", "hub",
+            "--manifest", manifest, "--out", out, "--num-workers", "0",
+        )  # fmt: skip
+
+    run_module(
+        "fuse", "protocol", "--manifest", manifest, "--features", *features,
+        "--image-encoder", "my-vit", "--text-encoder", "my-bert", "--models", "M4", "M1", "M2",
+        "--trials", "1", "--epochs", "2", "--warmup-epochs", "1", "--probes", "false",
+        "--out", str(tmp_path / "protocol"),
+    )  # fmt: skip
+
+    predictions = pd.read_parquet(tmp_path / "protocol" / "predictions.parquet")
+    rows = len(pd.read_csv(manifest))
+    assert predictions.groupby("model").size().to_dict() == {"M1": rows, "M2": rows, "M4": rows}
+    assert predictions["prob_GC"].between(0, 1).all()
