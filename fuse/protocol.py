@@ -24,7 +24,14 @@ from tqdm import tqdm
 from fuse.data import CachedRows, load_cached_rows, standardise
 from fuse.model import FusionHead
 from fuse.probe import fit_probe
-from fuse.train import HeadSettings, TrainedHead, check_settings, predict_proba, train_head
+from fuse.train import (
+    HeadSettings,
+    TrainedHead,
+    check_settings,
+    predict_proba,
+    release_freed_memory,
+    train_head,
+)
 from fuse.zoo import FROZEN_NOTE, ModelSpec, protocol_models, select_models
 from pipeline.config import config_to_dict, require_paths, setting
 from pipeline.errors import UserError
@@ -346,6 +353,8 @@ def run(config: ProtocolConfig) -> dict[str, Any]:
             frames.append(
                 _prediction_frame(data, job, "probe", probe.probabilities, config.classes)
             )
+        del trained, inputs
+        release_freed_memory()
     predictions = pd.concat(frames, ignore_index=True)
     predictions.to_parquet(out / PREDICTIONS_FILE, index=False)
     pd.concat(curves, ignore_index=True).to_csv(out / CURVES_FILE, index=False)

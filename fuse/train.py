@@ -84,6 +84,13 @@ def check_settings(settings: HeadSettings) -> None:
         raise ValueError(f"precision {settings.precision!r}: choose from {PRECISIONS}")
 
 
+def _glibc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
 def reuse_freed_memory() -> None:
     """Ask glibc to keep freed blocks for reuse instead of returning them to the system.
 
@@ -92,12 +99,23 @@ def reuse_freed_memory() -> None:
     those in costs more than the report projector's matrix products (bench/fuse_cpu.py:
     about 34 -> 29 ms a step at the paper's shape). Elsewhere than glibc this does nothing.
     """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    libc.mallopt(_MALLOPT_MMAP_THRESHOLD, 1 << 30)
-    libc.mallopt(_MALLOPT_TRIM_THRESHOLD, 1 << 30)
+    libc = _glibc()
+    if libc:
+        libc.mallopt(_MALLOPT_MMAP_THRESHOLD, 1 << 30)
+        libc.mallopt(_MALLOPT_TRIM_THRESHOLD, 1 << 30)
+
+
+def release_freed_memory() -> None:
+    """Give the heap's free pages back to the system (glibc's malloc_trim).
+
+    reuse_freed_memory keeps freed blocks for the next step; once a head is trained and
+    dropped they would otherwise stay resident, and a protocol of many heads and probes
+    grows to several GB.
+    Elsewhere than glibc this does nothing.
+    """
+    libc = _glibc()
+    if libc:
+        libc.malloc_trim(0)
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
