@@ -544,6 +544,7 @@ def run(config: ExtractConfig) -> Path:
         config.classes,
         check_images=spec.modality != "text",
         allow_missing_images=not config.strict,
+        allow_empty_reports=not config.strict,
         image_root=config.image_root or None,
         labels_per_exam=config.labels_per_exam,
     )

@@ -146,7 +146,11 @@ def load_cached_rows(
             pair with a vector in every file.
     """
     table = load_manifest(
-        manifest_path, classes, check_images=False, labels_per_exam=labels_per_exam
+        manifest_path,
+        classes,
+        check_images=False,
+        labels_per_exam=labels_per_exam,
+        allow_empty_reports=True,  # extraction skipped them: their pairs are left out
     ).reset_index(drop=True)
     index = index_feature_files(feature_paths)
     stored: dict[FeatureId, _Stored] = {}

@@ -106,6 +106,7 @@ def load_manifest(
     image_root: str | Path | None = None,
     labels_per_exam: bool = False,
     allow_missing_images: bool = False,
+    allow_empty_reports: bool = False,
 ) -> pd.DataFrame:
     """Read and validate a manifest.
 
@@ -121,6 +122,9 @@ def load_manifest(
             Exams are told apart by `exam_id` (by default one per patient and report).
         allow_missing_images: with check_images, leave image files that do not exist to
             extraction's screening, which skips and records them, instead of refusing.
+        allow_empty_reports: leave empty and whitespace-only reports to extraction's
+            screening (which skips and records them) and to training (which leaves their
+            pairs out) instead of refusing.
 
     Returns:
         The table with every optional column present: `exam_id` defaults to one exam per
@@ -141,7 +145,8 @@ def load_manifest(
         raise UserError(f"manifest {path} has a header but no rows")
     for column in REQUIRED_COLUMNS:
         table[column] = table[column].astype(str)
-        _fail(path, column, table[column].str.strip() == "", "empty value")
+        if column != "report_text" or not allow_empty_reports:
+            _fail(path, column, table[column].str.strip() == "", "empty value")
     unknown_label = ~table["label"].isin(list(classes))
     _fail(
         path,

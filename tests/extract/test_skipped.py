@@ -114,3 +114,26 @@ def test_strict_refuses_bad_items_before_any_encoder_loads(
     assert expected in message
     assert get_spec("blip2-qformer").source not in message
     assert not (tmp_path / "image.h5").exists()
+
+
+def test_empty_reports_are_skipped_or_refused_with_strict(
+    small_table: pd.DataFrame,
+    write_manifest: Callable[[pd.DataFrame], Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    table = small_table.copy()
+    table.loc[[1, 4], "report_text"] = ""
+    table.loc[[2, 5], "report_text"] = " \u3000\n"
+    manifest = write_manifest(table)
+
+    features = read_features(run(_config("llama3", manifest, tmp_path / "text.h5")))
+
+    # Both normalise to the same empty text: one item, recorded once.
+    assert list(features.skipped.values()) in (["empty"], ["whitespace-only"])
+    assert features.keys == (text_key(table["report_text"][0]),)  # the one report left
+    with pytest.raises(SystemExit) as exited:
+        main(["--model", "llama3", "--strict", "true", "--manifest", str(manifest),
+              "--out", str(tmp_path / "strict.h5")])  # fmt: skip
+    assert exited.value.code == 2
+    assert "column 'report_text': empty value at line(s) 3, 4" in capsys.readouterr().err
