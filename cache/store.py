@@ -10,7 +10,7 @@ Layout of format version 1:
     /sources/key       (M,) ... and its key, so training needs no access to the images
     /skipped/name      (S,) optional: items extraction left out (an image path as in the
                        manifest; for a report its key, a space and its first 40 characters) ...
-    /skipped/reason    (S,) ... and why (e.g. "zero-byte", "truncated/undecodable")
+    /skipped/reason    (S,) ... and why (e.g. "zero-byte", "truncated or undecodable")
 
 `skipped` came after the first files of version 1; readers treat its absence as "nothing
 skipped", so the version stays 1. A file is written as NAME.partial in the same folder,

@@ -8,6 +8,7 @@ processors do.
 
 from __future__ import annotations
 
+import io
 import json
 import warnings
 from collections.abc import Mapping, Sequence
@@ -78,8 +79,10 @@ def _orientation(image: Image.Image) -> int:
     return int(image.getexif().get(0x0112, 1) or 1)
 
 
-def decode_image(path: Path) -> Image.Image:
+def decode_image(path: Path, data: bytes | None = None) -> Image.Image:
     """Decode an image file completely and convert it by `to_rgb`'s rule.
+
+    `data`, if given, is the file's bytes, already read (`path` then only names it).
 
     Size policy: an image with more pixels than PIL.Image.MAX_IMAGE_PIXELS (PIL's
     decompression-bomb threshold, 89,478,485 by default: about 9,459 x 9,459; an
@@ -95,7 +98,7 @@ def decode_image(path: Path) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(io.BytesIO(data) if data is not None else path) as image:
                 image.load()
                 return to_rgb(image)
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as error:

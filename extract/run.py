@@ -42,7 +42,7 @@ from extract.encoders import Encoder, torch_dtype
 from extract.loaders import load_encoder
 from extract.preprocess import ImageFiles, ImageTextPairs, image_transform
 from extract.registry import LOADERS, EncoderSpec, Registry, load_registry
-from extract.screening import screen_image, screen_report
+from extract.screening import check_image, screen_report
 from pipeline.config import config_to_dict, require_paths, setting
 from pipeline.errors import UserError
 from pipeline.keys import KEY_SCHEMES, file_key, normalise_text, pair_key, text_key
@@ -168,12 +168,10 @@ def check_images(
         Per manifest image path (key, None) for a usable image, ("", reason) for one that
         is missing, empty, of another kind or damaged.
     """
-    checks = {}
-    for path in tqdm(paths, desc="checking images", unit="image", disable=not show_progress):
-        file = image_file(manifest_path, path, image_root)
-        reason = screen_image(file)
-        checks[path] = ("", reason) if reason else (file_key(file), None)
-    return checks
+    return {
+        path: check_image(image_file(manifest_path, path, image_root))
+        for path in tqdm(paths, desc="checking images", unit="image", disable=not show_progress)
+    }
 
 
 def unique_items(
@@ -490,8 +488,7 @@ def _consolidate(
 ) -> FeatureSet:
     """Main process: the reused and the new vectors, in the order of first appearance,
     into the output file; then the parts go."""
-    identity = encoder_identity(provenance)
-    parts = Parts(out, identity)
+    parts = Parts(out, plan.identity)
     row_of_key = {key: row for row, key in enumerate(items.keys)}
     vectors = np.full((len(items.keys), encoder.width), np.nan, np.float32)
     if plan.from_file:  # _prepare found the file reusable

@@ -13,6 +13,7 @@ from pathlib import Path
 from PIL import UnidentifiedImageError
 
 from extract.preprocess import ImageTooLarge, decode_image
+from pipeline.keys import bytes_key
 
 MISSING = "missing"
 ZERO_BYTE = "zero-byte"
@@ -42,36 +43,38 @@ _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 
 
 def screen_image(path: Path) -> str | None:
-    """None for an image that decodes completely, else why it cannot be encoded.
+    """None for an image that decodes completely, else why it cannot be encoded (the
+    reasons of `check_image`)."""
+    return check_image(path)[1]
+
+
+def check_image(path: Path) -> tuple[str, str | None]:
+    """Read an image file once: its content key (pipeline.keys) and whether it decodes.
 
     Decodes the whole file with the same code extraction uses (`decode_image`), so a
     file that passes here also decodes there.
 
     Returns:
-        None, or one of "missing", "zero-byte", "not an image" (a file of another kind,
-        e.g. text named .png), "truncated or undecodable" (starts like an image but its
-        data is cut short or corrupt), "too large" (over PIL.Image.MAX_IMAGE_PIXELS).
+        (key, None) for a usable image; ("", reason) otherwise, the reason one of
+        "missing", "zero-byte", "not an image" (a file of another kind, e.g. text named
+        .png), "truncated or undecodable" (starts like an image but its data is cut short
+        or corrupt), "too large" (over PIL.Image.MAX_IMAGE_PIXELS).
     """
     path = Path(path)
     if not path.is_file():
-        return MISSING
-    if path.stat().st_size == 0:
-        return ZERO_BYTE
+        return "", MISSING
+    data = path.read_bytes()
+    if not data:
+        return "", ZERO_BYTE
     try:
-        decode_image(path)
+        decode_image(path, data)
     except ImageTooLarge:
-        return TOO_LARGE
+        return "", TOO_LARGE
     except UnidentifiedImageError:
-        return UNDECODABLE if _starts_like_an_image(path) else NOT_AN_IMAGE
+        return "", UNDECODABLE if data.startswith(_IMAGE_SIGNATURES) else NOT_AN_IMAGE
     except (OSError, SyntaxError, ValueError, EOFError):
-        return UNDECODABLE
-    return None
-
-
-def _starts_like_an_image(path: Path) -> bool:
-    with path.open("rb") as handle:
-        head = handle.read(16)
-    return head.startswith(_IMAGE_SIGNATURES)
+        return "", UNDECODABLE
+    return bytes_key(data), None
 
 
 def screen_report(text: str) -> str | None:

@@ -19,12 +19,17 @@ _CHUNK_BYTES = 1 << 20
 
 
 def file_key(path: str | Path) -> str:
-    """The key of an image: a hash of the file's bytes."""
+    """The key of an image: a hash of the file's bytes (read in chunks)."""
     digest = hashlib.sha256()
     with Path(path).open("rb") as handle:
         while chunk := handle.read(_CHUNK_BYTES):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def bytes_key(data: bytes) -> str:
+    """file_key of a file holding `data`, for bytes already read."""
+    return hashlib.sha256(data).hexdigest()
 
 
 def normalise_text(text: str) -> str:
