@@ -50,6 +50,33 @@ def test_selection_restores_the_weights_of_the_kept_epoch():
     assert F.cross_entropy(logits, labels[val]).item() == pytest.approx(kept["val_loss"], abs=1e-6)
 
 
+def test_patience_stops_after_epochs_without_improvement_and_keeps_the_same_epoch():
+    inputs, labels, groups = noisy_data()
+    train, val = torch.arange(0, 50), torch.arange(50, 80)
+    runs = {}
+    for patience in (0, 5):
+        settings = HeadSettings(
+            epochs=40,
+            warmup_epochs=2,
+            learning_rate=0.05,
+            batch_size=16,
+            precision="fp32",
+            patience=patience,
+        )
+        torch.manual_seed(0)
+        runs[patience] = train_head(head(), inputs, labels, groups, train, val, settings, 0)
+    every_epoch, patient = runs[0], runs[5]
+    assert every_epoch.epochs_trained == 40
+    # The same run up to the stop, which comes 5 epochs after the best epoch so far ...
+    assert patient.history == every_epoch.history[: patient.epochs_trained]
+    assert patient.epochs_trained == patient.best_epoch + 5 < 40
+    eligible_losses = [record["val_loss"] for record in patient.history[2:]]
+    assert patient.history[patient.best_epoch - 1]["val_loss"] == min(eligible_losses)
+    # ... whose weights are the ones restored.
+    logits = predict_logits(patient.model, [x[val] for x in inputs], "fp32")
+    assert F.cross_entropy(logits, labels[val]).item() == pytest.approx(min(eligible_losses))
+
+
 def test_warm_up_epochs_and_one_class_heads_are_never_kept():
     inputs, labels, groups = noisy_data()
     train, val = torch.arange(0, 50), torch.arange(50, 80)
