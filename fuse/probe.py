@@ -8,6 +8,7 @@ objective and much less work.
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import log_loss
 
 PROBE_C_GRID = tuple(10.0**exponent for exponent in range(-4, 3))  # inverse L2 strength
+_PREDICT_CHUNK_ROWS = 4096  # sklearn predicts in float64: a chunk at a time, not all rows
 
 
 @dataclass(frozen=True)
@@ -47,10 +49,13 @@ def fit_probe(
     """
     features = torch.cat(list(inputs), dim=1).numpy()
     train_x, train_y = features[train_rows.numpy()], labels[train_rows].numpy()
-    unique_x, first, counts = np.unique(train_x, axis=0, return_index=True, return_counts=True)
-    unique_y = train_y[first]
-    if len(np.unique(np.c_[unique_x, unique_y], axis=0)) != len(unique_x):
-        unique_x, unique_y, counts = train_x, train_y, np.ones(len(train_y))  # same x, two labels
+    first, group = _identical_rows(train_x)
+    unique_x, unique_y, counts = train_x[first], train_y[first], np.bincount(group)
+    if (unique_y[group] != train_y).any():  # the same vector under two labels
+        unique_x, unique_y, counts = train_x, train_y, np.ones(len(train_y))
+    del train_x
+    # float64 and contiguous once, or every fit below would make its own copy.
+    unique_x = np.ascontiguousarray(unique_x, dtype=np.float64)
     val_x, val_y = features[val_rows.numpy()], labels[val_rows].numpy()
     classes = np.arange(int(labels.max()) + 1)
     best: tuple[float, float, LogisticRegression] | None = None
@@ -65,4 +70,23 @@ def fit_probe(
         if best is None or loss < best[0]:
             best = (loss, c, probe)
     loss, c, probe = best
-    return ProbeResult(probabilities=probe.predict_proba(features), c=c, val_loss=float(loss))
+    probabilities = np.concatenate(
+        [
+            probe.predict_proba(features[start : start + _PREDICT_CHUNK_ROWS])
+            for start in range(0, len(features), _PREDICT_CHUNK_ROWS)
+        ]
+    )
+    return ProbeResult(probabilities=probabilities, c=c, val_loss=float(loss))
+
+
+def _identical_rows(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The first row of each group of byte-identical rows, and each row's group index.
+
+    Grouped by a digest of each row: np.unique(axis=0) would sort copies of the whole
+    matrix, which at the paper's widths costs more memory than the head's training.
+    """
+    digests = np.array(
+        [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in matrix]
+    )
+    _, first, group = np.unique(digests, return_index=True, return_inverse=True)
+    return first, group

@@ -333,6 +333,8 @@ def run(config: ProtocolConfig) -> dict[str, Any]:
         )
         if heads_folder and job.split.trial == 0 and job.split.fold == 0:
             _save_head(heads_folder / f"{name}.pt", trained, job, statistics, settings)
+        del trained
+        release_freed_memory()  # before the probe, which needs its own float64 copy
         if config.probes:
             started = time.perf_counter()
             probe = fit_probe(
@@ -355,7 +357,7 @@ def run(config: ProtocolConfig) -> dict[str, Any]:
             frames.append(
                 _prediction_frame(data, job, "probe", probe.probabilities, config.classes)
             )
-        del trained, inputs
+        del inputs
         release_freed_memory()
     predictions = pd.concat(frames, ignore_index=True)
     predictions.to_parquet(out / PREDICTIONS_FILE, index=False)
