@@ -85,8 +85,6 @@ def _identical_rows(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     Grouped by a digest of each row: np.unique(axis=0) would sort copies of the whole
     matrix, which at the paper's widths costs more memory than the head's training.
     """
-    digests = np.array(
-        [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in matrix]
-    )
+    digests = np.array([hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in matrix])
     _, first, group = np.unique(digests, return_index=True, return_inverse=True)
     return first, group

@@ -227,3 +227,17 @@ def test_plan_trials_kfold_needs_enough_patients(synthetic_cache):
     table = pd.read_csv(synthetic_cache["manifest"], dtype=str, keep_default_na=False)
     with pytest.raises(UserError, match="at least 40 patients of each label"):
         plan_trials(table, "kfold", 1, folds=40)
+
+
+def test_patience_reaches_every_head_and_its_record(synthetic_cache, tmp_path):
+    config = config_for(
+        synthetic_cache, tmp_path, epochs=60, patience=3, learning_rate=0.05, probes=False
+    )
+    runs = run(config)["runs"]
+    curves = pd.read_csv(tmp_path / "training_curves.csv")
+    for record in runs:
+        trained = curves[
+            (curves["model"] == record["model"]) & (curves["trial"] == record["trial"])
+        ]
+        assert len(trained) == record["epochs_trained"]
+        assert record["epochs_trained"] == record["best_epoch"] + 3 < 60
