@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from fuse.data import CachedRows, load_cached_rows, standardise
+from fuse.data import CachedRows, centre_sites, load_cached_rows, standardise
 from fuse.model import FusionHead
 from fuse.probe import fit_probe
 from fuse.train import (
@@ -82,6 +82,12 @@ class ProtocolConfig(HeadSettings):
     standardise: bool = setting(
         True, "z-score every feature with the training rows' mean and SD (not in the paper)"
     )
+    centre_external: bool = setting(
+        True,
+        "shift each external site's vectors so their mean is the training rows' mean (its "
+        "own vectors only, no labels): a second hospital's camera and report template move "
+        "every vector, which keeps a head's ranking but breaks its 0.5 cut; false: as they are",
+    )
     expect_weights: str = setting(
         "", "weights every feature file must come from: tiny, real (hub or folder); empty: any"
     )
@@ -111,6 +117,12 @@ def _rows_by_split(split: TrialSplit) -> dict[str, torch.Tensor]:
         name: torch.from_numpy(np.flatnonzero(values == name))
         for name in ("train", "val", "test", "external")
     }
+
+
+def _external_sites(data: CachedRows, job: _Job) -> list[torch.Tensor]:
+    external = job.rows["external"]
+    sites = data.table["site"].to_numpy()[external.numpy()]
+    return [external[torch.from_numpy(sites == site)] for site in dict.fromkeys(sites)]
 
 
 def check_split_classes(
@@ -294,6 +306,8 @@ def run(config: ProtocolConfig) -> dict[str, Any]:
         inputs, statistics = (
             standardise(raw, job.rows["train"]) if config.standardise else (raw, None)
         )
+        if config.centre_external and len(job.rows["external"]):
+            inputs = centre_sites(inputs, job.rows["train"], _external_sites(data, job))
         name = job.model.name
         started = time.perf_counter()
         trained = None

@@ -140,7 +140,13 @@ def _markdown(tables: Mapping[str, pd.DataFrame], runs: Mapping[str, Any], class
         "CIs are 95% patient-bootstrap intervals of the trial-averaged scores; DeLong compares "
         f"patient-level scores with {REFERENCE_MODEL} on the same patients; 'p trials' is a "
         "paired t-test over the trials' AUCs. Metrics use the 0.5 cut unless the table says "
-        "otherwise.",
+        "otherwise."
+        + (
+            " External rows are centred per site on the training rows' mean (their own "
+            "vectors, no labels; centre_external)."
+            if settings.get("centre_external") and "external" in sets
+            else ""
+        ),
         "",
     ]
     numbered = [

@@ -12,7 +12,7 @@ import torch
 
 from cache.store import FeatureSet, read_features, write_features
 from fuse import report
-from fuse.data import load_cached_rows, standardise
+from fuse.data import centre_sites, load_cached_rows, standardise
 from fuse.protocol import PREDICTIONS_FILE, RUNS_FILE, ProtocolConfig, run
 from pipeline.errors import UserError
 from pipeline.splits import plan_trials
@@ -94,6 +94,44 @@ def test_standardisation_uses_training_rows_only(synthetic_cache):
     shifted[150:] += 1000.0  # rows outside training must not move the statistics
     (_,), (shifted_statistics,) = standardise([shifted], train)
     torch.testing.assert_close(shifted_statistics["mean"], statistics["mean"])
+
+
+def test_each_site_is_centred_on_the_training_mean_and_other_rows_stay():
+    generator = torch.Generator().manual_seed(0)
+    vectors = torch.randn(30, 4, generator=generator)
+    vectors[20:25] += 7.0  # one external site's offset
+    vectors[25:] -= 3.0  # another's
+    train, sites = torch.arange(0, 15), [torch.arange(20, 25), torch.arange(25, 30)]
+    (centred,) = centre_sites([vectors], train, sites)
+    for rows in sites:
+        torch.testing.assert_close(centred[rows].mean(dim=0), vectors[train].mean(dim=0))
+        # a shift only: differences within the site are kept
+        torch.testing.assert_close(
+            centred[rows] - centred[rows][0], vectors[rows] - vectors[rows][0]
+        )
+    torch.testing.assert_close(centred[:20], vectors[:20], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("centre_external", [True, False])
+def test_an_offset_of_the_external_site_is_taken_out_when_centring(
+    synthetic_cache, tmp_path, centre_external
+):
+    config = {"models": ("M1",), "trials": 1, "centre_external": centre_external}
+    run(config_for(synthetic_cache, tmp_path / "a", **config))
+    image = read_features(synthetic_cache["image"])
+    first = pd.read_parquet(tmp_path / "a" / PREDICTIONS_FILE)
+    external = first.loc[first["split"] == "external", "image_path"].unique()
+    vectors = image.vectors.copy()
+    vectors[[image.keys.index(image.sources[path]) for path in external]] += 3.0
+    write_features(
+        synthetic_cache["image"],
+        FeatureSet(image.keys, vectors, image.provenance, sources=image.sources),
+    )
+    run(config_for(synthetic_cache, tmp_path / "b", **config))
+    second = pd.read_parquet(tmp_path / "b" / PREDICTIONS_FILE)
+    on_external = (first["split"] == "external").to_numpy()
+    a, b = first["prob_GC"].to_numpy()[on_external], second["prob_GC"].to_numpy()[on_external]
+    assert np.allclose(a, b, atol=1e-5) == centre_external
 
 
 def test_test_rows_do_not_change_what_the_heads_learn(synthetic_cache, tmp_path):
