@@ -210,8 +210,8 @@ def train_head(
     """Train `model` on `train_rows` and restore the weights of its best validation epoch.
 
     Training stops early once `settings.patience` epochs bring no better eligible epoch.
-    On the demo's heads the kept epoch was the same as with every epoch trained (see
-    README, "Selection").
+    On the demo's heads the kept epoch was the same as with every epoch trained (README,
+    "Defaults, and why").
 
     Args:
         model: a freshly initialised head.

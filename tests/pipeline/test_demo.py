@@ -95,10 +95,11 @@ def test_each_modality_is_informative_but_imperfect():
     labels = np.array([patient.label == "GC" for patient in patients])
     # What the images draw separates the classes almost fully (views, rendering and the
     # tiny encoder lose most of it); what only the report words is a weaker, imperfect
-    # signal (see the latent constants in pipeline/demo/patients.py).
+    # signal, set so that image-only and report-only heads score alike, as in the paper
+    # (see the latent constants in pipeline/demo/patients.py).
     drawn = roc_auc(labels, np.array([patient.lesion.severity for patient in patients]))
     worded = roc_auc(labels, np.array([patient.mobility + patient.extent for patient in patients]))
-    assert 0.95 < drawn < 1.0 and 0.65 < worded < 0.8
+    assert 0.95 < drawn < 1.0 and 0.75 < worded < 0.9
 
 
 def run_cli(*flags: str) -> subprocess.CompletedProcess:
