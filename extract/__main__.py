@@ -21,10 +21,10 @@ the vectors, keyed by content, to an HDF5 feature file with their provenance (en
 weights fingerprint, pooling, dtype, ...). Image and pair files also get an image path ->
 image key table, so training later needs no images.
 The manifest is validated before any model loads; image files that are missing, empty or
-damaged and reports with control characters are skipped, recorded in the file and
-summarised (--strict true refuses them instead). Finished batches are saved at once, so
-running the same command again after a crash continues where it stopped, and an output
-that already holds every vector is left untouched ("up to date").
+damaged and reports that are empty or hold control characters are skipped, recorded in the
+file and summarised (--strict true refuses them instead). Finished batches are saved at
+once, so running the same command again after a crash continues where it stopped, and an
+output that already holds every vector is left untouched ("up to date").
 
 python -m extract --list [--registry FILE] [--params params.yaml --section S] prints every
 encoder, built-in and from the registry file, with its modality, loader, pooling, width,

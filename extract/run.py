@@ -135,8 +135,8 @@ class ExtractConfig:
     strict: bool = setting(
         False,
         "true: refuse (exit code 2) a manifest with any bad item (a missing, empty or "
-        "damaged image file; a report with control characters) before any encoder loads; "
-        "false: skip them, record them in the file and print a summary",
+        "damaged image file; an empty report or one with control characters) before any "
+        "encoder loads; false: skip them, record them in the file and print a summary",
     )
 
 

@@ -42,12 +42,6 @@ _IMAGE_SIGNATURES = (
 _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 
 
-def screen_image(path: Path) -> str | None:
-    """None for an image that decodes completely, else why it cannot be encoded (the
-    reasons of `check_image`)."""
-    return check_image(path)[1]
-
-
 def check_image(path: Path) -> tuple[str, str | None]:
     """Read an image file once: its content key (pipeline.keys) and whether it decodes.
 

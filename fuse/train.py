@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -96,6 +97,7 @@ def check_settings(settings: HeadSettings) -> None:
         raise ValueError(f"patience {settings.patience}: 0 (train every epoch) or more")
 
 
+@functools.cache
 def _glibc() -> ctypes.CDLL | None:
     try:
         return ctypes.CDLL("libc.so.6")

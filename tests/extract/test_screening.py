@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from extract.screening import screen_image, screen_report
+from extract.screening import check_image, screen_report
 
 
 def _encoded(fmt: str) -> bytes:
@@ -53,18 +53,18 @@ def bad_folder(tmp_path: Path) -> Path:
     ],
 )
 def test_screen_image_names_the_damage(bad_folder, name, reason):
-    assert screen_image(bad_folder / name) == reason
+    assert check_image(bad_folder / name)[1] == reason
 
 
 def test_a_folder_is_missing_not_an_image(tmp_path):
-    assert screen_image(tmp_path) == "missing"
+    assert check_image(tmp_path)[1] == "missing"
 
 
 def test_images_over_the_pixel_limit_are_too_large(bad_folder, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64 - 1)
-    assert screen_image(bad_folder / "good.png") == "too large"
+    assert check_image(bad_folder / "good.png")[1] == "too large"
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64 // 3)  # PIL's own error, too
-    assert screen_image(bad_folder / "good.png") == "too large"
+    assert check_image(bad_folder / "good.png")[1] == "too large"
 
 
 @pytest.mark.parametrize(
