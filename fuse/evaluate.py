@@ -6,7 +6,7 @@ and the validation thresholds in its run records.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -39,7 +39,7 @@ COMPARISON_COLUMNS = (
 
 
 def pooled_rows(
-    predictions: pd.DataFrame, runs: Sequence[Mapping[str, Any]], classes: Sequence[str]
+    predictions: pd.DataFrame, classes: Sequence[str]
 ) -> pd.DataFrame:
     """One row per (model, head, trial, set, pair): the positive score and its threshold.
 
@@ -47,9 +47,7 @@ def pooled_rows(
     external pair, predicted by every fold's head, gets the mean of their scores (and of
     their thresholds).
     """
-    thresholds = pd.DataFrame(list(runs))[["model", "head", "trial", "fold", "threshold"]]
     evaluated = predictions[predictions["split"].isin(EVALUATED_SETS)]
-    evaluated = evaluated.merge(thresholds, on=["model", "head", "trial", "fold"], how="left")
     evaluated = evaluated.assign(score=evaluated[f"prob_{classes[-1]}"].astype(float))
     return (
         evaluated.groupby(["model", "head", "trial", "split", "row"], sort=False)
@@ -210,13 +208,12 @@ def comparisons(
 
 def evaluate(
     predictions: pd.DataFrame,
-    runs: Sequence[Mapping[str, Any]],
     classes: Sequence[str],
     resamples: int = 1000,
     seed: int = 0,
 ) -> dict[str, pd.DataFrame]:
     """Every table the report shows, computed from the predictions table alone."""
-    pooled = pooled_rows(predictions, runs, classes)
+    pooled = pooled_rows(predictions, classes)
     per_trial = trial_metrics(pooled, classes)
     averaged = averaged_over_trials(pooled)
     return {

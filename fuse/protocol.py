@@ -24,6 +24,7 @@ from tqdm import tqdm
 from fuse.data import CachedRows, centre_sites, load_cached_rows, standardise
 from fuse.model import FusionHead
 from fuse.probe import fit_probe
+from fuse.schema import CURVES_FILE, PREDICTIONS_FILE, RUNS_FILE, prediction_rows
 from fuse.train import (
     HeadSettings,
     TrainedHead,
@@ -38,11 +39,6 @@ from pipeline.errors import UserError
 from pipeline.keys import file_key
 from pipeline.metrics import choose_threshold
 from pipeline.splits import SPLIT_MODES, TrialSplit, plan_trials
-
-PREDICTIONS_FILE = "predictions.parquet"
-RUNS_FILE = "runs.json"
-CURVES_FILE = "training_curves.csv"
-ROW_COLUMNS = ("image_path", "patient_id", "exam_id", "site")
 
 
 @dataclass(frozen=True)
@@ -211,19 +207,19 @@ def _search_learning_rate(
 
 
 def _prediction_frame(
-    data: CachedRows, job: _Job, head: str, probabilities: np.ndarray, classes
+    data: CachedRows, job: _Job, head: str, probabilities: np.ndarray, threshold: float, classes
 ) -> pd.DataFrame:
-    frame = data.table.loc[:, list(ROW_COLUMNS)].copy()
-    frame.insert(0, "row", np.arange(len(frame)))
-    frame["label"] = data.table["label"].to_numpy()
-    frame["split"] = job.split.splits.to_numpy()
-    frame["model"] = job.model.name
-    frame["head"] = head
-    frame["trial"] = job.split.trial
-    frame["fold"] = job.split.fold
-    for position, name in enumerate(classes):
-        frame[f"prob_{name}"] = probabilities[:, position].astype(np.float32)
-    return frame
+    return prediction_rows(
+        data.table,
+        job.split.splits.to_numpy(),
+        model=job.model.name,
+        head=head,
+        trial=job.split.trial,
+        fold=job.split.fold,
+        threshold=threshold,
+        probabilities=probabilities,
+        classes=classes,
+    )
 
 
 def _data_identity(config: ProtocolConfig, data: CachedRows) -> dict[str, Any]:
@@ -333,13 +329,18 @@ def run(config: ProtocolConfig) -> dict[str, Any]:
             "seed": job.split.seed,
             "learning_rate": settings.learning_rate,
             "best_epoch": trained.best_epoch,
+            "first_eligible_epoch": trained.first_eligible_epoch,
             "epochs_trained": trained.epochs_trained,
             "fallback_to_last_epoch": trained.fallback,
             "threshold": choose_threshold(labels[val], probabilities[val, -1]),
             "seconds": round(head_seconds, 3),
         }
         records.append(record)
-        frames.append(_prediction_frame(data, job, "head", probabilities, config.classes))
+        frames.append(
+            _prediction_frame(
+                data, job, "head", probabilities, record["threshold"], config.classes
+            )
+        )
         curves.append(
             pd.DataFrame(trained.history).assign(
                 model=name, trial=job.split.trial, fold=job.split.fold
@@ -361,6 +362,7 @@ def run(config: ProtocolConfig) -> dict[str, Any]:
                     "head": "probe",
                     "learning_rate": None,
                     "best_epoch": None,
+                    "first_eligible_epoch": None,
                     "epochs_trained": None,
                     "fallback_to_last_epoch": None,
                     "probe_c": probe.c,
@@ -369,7 +371,14 @@ def run(config: ProtocolConfig) -> dict[str, Any]:
                 }
             )
             frames.append(
-                _prediction_frame(data, job, "probe", probe.probabilities, config.classes)
+                _prediction_frame(
+                    data,
+                    job,
+                    "probe",
+                    probe.probabilities,
+                    records[-1]["threshold"],
+                    config.classes,
+                )
             )
         del inputs
         release_freed_memory()

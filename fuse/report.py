@@ -20,7 +20,7 @@ import pandas as pd
 from matplotlib.figure import Figure  # not pyplot: no global state, no display needed
 
 from fuse.evaluate import OPERATING_POINTS, REFERENCE_MODEL, evaluate
-from fuse.protocol import CURVES_FILE, PREDICTIONS_FILE, RUNS_FILE
+from fuse.schema import CURVES_FILE, PREDICTIONS_FILE, RUNS_FILE
 from fuse.zoo import FROZEN_NOTE
 from pipeline.config import require_paths, setting
 from pipeline.errors import UserError
@@ -285,7 +285,7 @@ def run(config: ReportConfig) -> dict[str, pd.DataFrame]:
     predictions = pd.read_parquet(protocol / PREDICTIONS_FILE)
     runs = json.loads((protocol / RUNS_FILE).read_text(encoding="utf-8"))
     classes = tuple(runs["settings"]["classes"])
-    tables = evaluate(predictions, runs["runs"], classes, config.bootstrap_resamples, config.seed)
+    tables = evaluate(predictions, classes, config.bootstrap_resamples, config.seed)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "tables.md").write_text(_markdown(tables, runs, classes), encoding="utf-8")

@@ -80,6 +80,7 @@ class TrainedHead:
     best_epoch: int  # 1-based epoch whose weights were restored into `model`
     history: list[dict[str, float]] = field(default_factory=list)  # one entry per epoch
     fallback: bool = False  # no epoch was eligible: the last epoch was kept
+    first_eligible_epoch: int | None = None  # the earliest epoch selection could keep
 
     @property
     def epochs_trained(self) -> int:
@@ -253,6 +254,7 @@ def train_head(
     )
     history: list[dict[str, float]] = []
     best: dict[str, float] | None = None
+    first_eligible: int | None = None
     best_state = {name: value.clone() for name, value in model.state_dict().items()}
     for epoch in range(1, settings.epochs + 1):
         model.train()
@@ -286,6 +288,8 @@ def train_head(
         history.append(record)
         predicted_classes = len(torch.unique(val_logits.argmax(dim=-1)))
         eligible = _eligible(epoch, settings, predicted_classes, num_classes)
+        if eligible and first_eligible is None:
+            first_eligible = epoch
         if eligible and _improves(record, best, settings.selection):
             best = record
             best_state = {name: value.clone() for name, value in model.state_dict().items()}
@@ -294,4 +298,9 @@ def train_head(
     if best is None:
         return TrainedHead(model=model, best_epoch=len(history), history=history, fallback=True)
     model.load_state_dict(best_state)
-    return TrainedHead(model=model, best_epoch=int(best["epoch"]), history=history)
+    return TrainedHead(
+        model=model,
+        best_epoch=int(best["epoch"]),
+        history=history,
+        first_eligible_epoch=first_eligible,
+    )

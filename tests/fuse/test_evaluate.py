@@ -10,7 +10,7 @@ from fuse.evaluate import evaluate, pooled_rows
 CLASSES = ("VCD", "GC")
 
 
-def table(model, trial, fold, scores, splits, labels):
+def table(model, trial, fold, scores, splits, labels, threshold=0.5):
     return pd.DataFrame(
         {
             "row": np.arange(len(scores)),
@@ -21,6 +21,7 @@ def table(model, trial, fold, scores, splits, labels):
             "head": "head",
             "trial": trial,
             "fold": fold,
+            "threshold": threshold,
             "prob_VCD": 1 - np.asarray(scores),
             "prob_GC": scores,
         }
@@ -32,13 +33,9 @@ SPLITS = ["test", "test", "test", "test", "external", "external"]
 
 
 def test_trial_metrics_thresholds_and_mean_sd():
-    trial0 = table("M4", 0, 0, [0.1, 0.6, 0.7, 0.9, 0.2, 0.8], SPLITS, LABELS)
+    trial0 = table("M4", 0, 0, [0.1, 0.6, 0.7, 0.9, 0.2, 0.8], SPLITS, LABELS, threshold=0.65)
     trial1 = table("M4", 1, 0, [0.4, 0.45, 0.3, 0.9, 0.2, 0.8], SPLITS, LABELS)
-    runs = [
-        {"model": "M4", "head": "head", "trial": 0, "fold": 0, "threshold": 0.65},
-        {"model": "M4", "head": "head", "trial": 1, "fold": 0, "threshold": 0.5},
-    ]
-    tables = evaluate(pd.concat([trial0, trial1]), runs, CLASSES, resamples=50)
+    tables = evaluate(pd.concat([trial0, trial1]), CLASSES, resamples=50)
     per_trial = tables["per_trial"].set_index(["set", "trial"])
     y = np.array([0, 0, 1, 1])
     for trial, scores in ((0, [0.1, 0.6, 0.7, 0.9]), (1, [0.4, 0.45, 0.3, 0.9])):
@@ -73,11 +70,7 @@ def test_folds_of_a_trial_are_pooled_and_external_scores_averaged():
         ["train", "train", "test", "test", "external", "external"],
         LABELS,
     )
-    runs = [
-        {"model": "M1", "head": "head", "trial": 0, "fold": fold, "threshold": 0.5}
-        for fold in (0, 1)
-    ]
-    pooled = pooled_rows(pd.concat([fold0, fold1]), runs, CLASSES).set_index(["split", "row"])
+    pooled = pooled_rows(pd.concat([fold0, fold1]), CLASSES).set_index(["split", "row"])
     assert list(pooled.loc["test"].index) == [0, 1, 2, 3]  # each test row once
     np.testing.assert_allclose(pooled.loc["test", "score"], [0.2, 0.5, 0.8, 0.6])
     np.testing.assert_allclose(pooled.loc["external", "score"], [0.3, 0.8])
@@ -86,17 +79,14 @@ def test_folds_of_a_trial_are_pooled_and_external_scores_averaged():
 def test_comparisons_give_delong_and_paired_trial_p_values():
     rng = np.random.default_rng(0)
     labels = ["VCD"] * 30 + ["GC"] * 30
-    frames, runs = [], []
+    frames = []
     for trial in range(3):
         truth = np.r_[np.zeros(30), np.ones(30)]
         good = np.clip(truth * 0.6 + rng.uniform(0, 0.4, 60), 0, 1)
         poor = rng.uniform(0, 1, 60)
         for model, scores in (("M4", good), ("M2", poor)):
             frames.append(table(model, trial, 0, scores, ["test"] * 60, labels))
-            runs.append(
-                {"model": model, "head": "head", "trial": trial, "fold": 0, "threshold": 0.5}
-            )
-    compared = evaluate(pd.concat(frames), runs, CLASSES, resamples=50)["comparisons"]
+    compared = evaluate(pd.concat(frames), CLASSES, resamples=50)["comparisons"]
     row = compared.set_index("model").loc["M2"]
     assert row["patients"] == 60 and row["trials"] == 3
     assert row["delong_p"] < 0.001 and row["paired_t_p"] < 0.05

@@ -13,7 +13,8 @@ import torch
 from cache.store import FeatureSet, read_features, write_features
 from fuse import report
 from fuse.data import centre_sites, load_cached_rows, standardise
-from fuse.protocol import PREDICTIONS_FILE, RUNS_FILE, ProtocolConfig, run
+from fuse.protocol import ProtocolConfig, run
+from fuse.schema import PREDICTIONS_FILE, RUNS_FILE
 from pipeline.errors import UserError
 from pipeline.splits import plan_trials
 
