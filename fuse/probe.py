@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy.special import expit, softmax
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import log_loss
@@ -24,12 +25,31 @@ _PREDICT_CHUNK_ROWS = 4096  # sklearn predicts in float64: a chunk at a time, no
 
 
 @dataclass(frozen=True)
-class ProbeResult:
-    """Probabilities of every row, and the C that validation chose."""
+class ProbeFit:
+    """The logistic regression that validation chose: its weights and its C."""
 
-    probabilities: np.ndarray  # [rows, classes]
+    coef: np.ndarray  # [1, features] for two classes, else [classes, features]
+    intercept: np.ndarray  # [1] or [classes]
     c: float
     val_loss: float
+
+    def predict_proba(self, features: np.ndarray) -> np.ndarray:
+        """Class probabilities [rows, classes] of `features` [rows, features], as
+        scikit-learn's LogisticRegression computes them, a chunk of rows at a time."""
+        return np.concatenate(
+            [
+                _probabilities(features[start : start + _PREDICT_CHUNK_ROWS], self)
+                for start in range(0, len(features), _PREDICT_CHUNK_ROWS)
+            ]
+        )
+
+
+def _probabilities(features: np.ndarray, fit: ProbeFit) -> np.ndarray:
+    decision = features.astype(np.float64) @ fit.coef.T + fit.intercept
+    if decision.shape[1] == 1:
+        positive = expit(decision[:, 0])
+        return np.c_[1 - positive, positive]
+    return softmax(decision, axis=1)
 
 
 def fit_probe(
@@ -38,7 +58,7 @@ def fit_probe(
     train_rows: torch.Tensor,
     val_rows: torch.Tensor,
     seed: int,
-) -> ProbeResult:
+) -> ProbeFit:
     """Fit L2 logistic regressions on `train_rows` for each C and keep the best on validation.
 
     Args:
@@ -70,13 +90,12 @@ def fit_probe(
         if best is None or loss < best[0]:
             best = (loss, c, probe)
     loss, c, probe = best
-    probabilities = np.concatenate(
-        [
-            probe.predict_proba(features[start : start + _PREDICT_CHUNK_ROWS])
-            for start in range(0, len(features), _PREDICT_CHUNK_ROWS)
-        ]
+    return ProbeFit(
+        coef=probe.coef_.astype(np.float64),
+        intercept=probe.intercept_.astype(np.float64),
+        c=c,
+        val_loss=float(loss),
     )
-    return ProbeResult(probabilities=probabilities, c=c, val_loss=float(loss))
 
 
 def _identical_rows(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -21,23 +21,18 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from fuse.data import CachedRows, centre_sites, load_cached_rows, standardise
-from fuse.model import FusionHead
-from fuse.probe import fit_probe
+from fuse.data import CachedRows, load_cached_rows
+from fuse.head import FeatureSource, FittedHead
 from fuse.schema import CURVES_FILE, PREDICTIONS_FILE, RUNS_FILE, prediction_rows
 from fuse.train import (
     HeadSettings,
-    TrainedHead,
     check_settings,
-    predict_proba,
     release_freed_memory,
-    train_head,
 )
 from fuse.zoo import FROZEN_NOTE, ModelSpec, protocol_models, select_models
 from pipeline.config import config_to_dict, require_paths, setting
 from pipeline.errors import UserError
 from pipeline.keys import file_key
-from pipeline.metrics import choose_threshold
 from pipeline.splits import SPLIT_MODES, TrialSplit, plan_trials
 
 
@@ -50,7 +45,14 @@ class ProtocolConfig(HeadSettings):
         (), "feature files written by `python -m extract` (each names its encoder and modality)"
     )
     out: str = setting("", f"folder for {PREDICTIONS_FILE}, {RUNS_FILE} and {CURVES_FILE}")
-    heads: str = setting("", "folder for the first trial's trained heads (empty: none saved)")
+    heads: str = setting(
+        "",
+        "folder for the fitted heads and probes of the models save_models names, every "
+        "trial and fold (MODEL/trialT-foldF-head.json + .safetensors); empty: none saved",
+    )
+    save_models: tuple[str, ...] = setting(
+        ("M4",), "models whose fitted heads are saved into heads (the paper's model by default)"
+    )
     classes: tuple[str, ...] = setting(("VCD", "GC"), "class labels, negative first")
     models: tuple[str, ...] = setting(
         ("M4", "M1", "M2", "M3", "CLIP", "ALIGN", "BLIP-2", "ViLT", "Chinese-CLIP"),
@@ -115,12 +117,6 @@ def _rows_by_split(split: TrialSplit) -> dict[str, torch.Tensor]:
     }
 
 
-def _external_sites(data: CachedRows, job: _Job) -> list[torch.Tensor]:
-    external = job.rows["external"]
-    sites = data.table["site"].to_numpy()[external.numpy()]
-    return [external[torch.from_numpy(sites == site)] for site in dict.fromkeys(sites)]
-
-
 def check_split_classes(
     rows: dict[str, torch.Tensor], labels: torch.Tensor, job: str, classes
 ) -> None:
@@ -135,91 +131,77 @@ def check_split_classes(
             )
 
 
-def build_head(
-    spec: ModelSpec, widths: list[int], settings: HeadSettings, classes: int
-) -> FusionHead:
-    """A fresh head of `spec`'s kind for inputs of `widths`."""
-    names = [f"{modality}{position}" for position, (_, modality) in enumerate(spec.inputs)]
-    projection_of = {"image": settings.image_projection, "text": settings.text_projection}
-    projections = (
-        {
-            name: projection_of[modality]
-            for name, (_, modality) in zip(names, spec.inputs, strict=True)
-        }
-        if spec.head == "vlmf"
-        else {}
-    )
-    return FusionHead(
-        input_widths=dict(zip(names, widths, strict=True)),
-        projections=projections,
-        hidden_widths=settings.hidden_widths,
-        dropout=settings.dropout,
-        num_classes=classes,
-        contrastive_width=settings.contrastive_width if spec.head == "vlmf" else 0,
-    )
+def _sources(data: CachedRows, model: ModelSpec) -> list[FeatureSource]:
+    return [
+        FeatureSource.from_provenance(data.provenance[feature], data.features[feature].shape[1])
+        for feature in model.inputs
+    ]
 
 
-def _train(
-    job: _Job, data: CachedRows, inputs: list[torch.Tensor], settings: HeadSettings
-) -> TrainedHead:
-    torch.manual_seed(job.split.seed)
-    model = build_head(
-        job.model, [x.shape[1] for x in inputs], settings, int(data.labels.max()) + 1
+def _external_sites(data: CachedRows, job: _Job) -> dict[str, torch.Tensor]:
+    external = job.rows["external"]
+    sites = data.table["site"].to_numpy()[external.numpy()]
+    return {site: external[torch.from_numpy(sites == site)] for site in dict.fromkeys(sites)}
+
+
+def _row_sites(data: CachedRows, job: _Job) -> np.ndarray:
+    """Each row's site where the head centres it (external rows), None elsewhere."""
+    sites = data.table["site"].to_numpy().astype(object)
+    sites[job.split.splits.to_numpy() != "external"] = None
+    return sites
+
+
+def _fit(
+    job: _Job, data: CachedRows, kind: str, settings: HeadSettings, config: ProtocolConfig
+) -> FittedHead:
+    head = FittedHead(
+        job.model,
+        kind,
+        settings,
+        config.classes,
+        standardise=config.standardise,
+        centre_external=config.centre_external,
+        origin={"trial": job.split.trial, "fold": job.split.fold, "seed": job.split.seed},
     )
-    return train_head(
-        model,
-        inputs,
+    return head.fit(
+        [data.features[feature] for feature in job.model.inputs],
         data.labels,
-        data.report_groups,
         job.rows["train"],
         job.rows["val"],
-        settings,
         job.split.seed,
+        sources=_sources(data, job.model),
+        report_groups=data.report_groups,
+        external_sites=_external_sites(data, job),
+        training_sites=data.table["site"].to_numpy()[job.rows["train"].numpy()].tolist(),
     )
 
 
 def _search_learning_rate(
-    job: _Job, data: CachedRows, inputs: list[torch.Tensor], config: ProtocolConfig
-) -> tuple[float, list[dict[str, float]], TrainedHead]:
-    """Train `job` once per learning rate; the lowest kept validation loss wins.
+    job: _Job, data: CachedRows, config: ProtocolConfig
+) -> tuple[float, list[dict[str, float]], FittedHead]:
+    """Fit `job`'s head once per learning rate; the lowest kept validation loss wins.
 
     Returns:
         The winning rate, what each rate gave, and the winner's head: the same head the
-        trial would train with that rate (same seed and settings), so it is not retrained.
+        trial would fit with that rate (same seed and settings), so it is not refitted.
     """
     tried, heads = [], {}
     for learning_rate in config.learning_rates:
         settings = dataclasses.replace(config, learning_rate=learning_rate)
-        trained = heads[learning_rate] = _train(job, data, inputs, settings)
-        kept = trained.history[trained.best_epoch - 1]
+        head = heads[learning_rate] = _fit(job, data, "head", settings, config)
+        kept = head.history_[head.training_["best_epoch"] - 1]
         tried.append(
             {
                 "learning_rate": learning_rate,
                 "val_loss": kept["val_loss"],
                 "val_auc": kept["val_auc"],
-                "best_epoch": trained.best_epoch,
-                "fallback": trained.fallback,
+                "best_epoch": head.training_["best_epoch"],
+                "fallback": head.training_["fallback_to_last_epoch"],
             }
         )
     eligible = [entry for entry in tried if not entry["fallback"]] or tried
     winner = min(eligible, key=lambda entry: entry["val_loss"])["learning_rate"]
     return winner, tried, heads[winner]
-
-
-def _prediction_frame(
-    data: CachedRows, job: _Job, head: str, probabilities: np.ndarray, threshold: float, classes
-) -> pd.DataFrame:
-    return prediction_rows(
-        data.table,
-        job.split.splits.to_numpy(),
-        model=job.model.name,
-        head=head,
-        trial=job.split.trial,
-        fold=job.split.fold,
-        threshold=threshold,
-        probabilities=probabilities,
-        classes=classes,
-    )
 
 
 def _data_identity(config: ProtocolConfig, data: CachedRows) -> dict[str, Any]:
@@ -240,24 +222,37 @@ def _data_identity(config: ProtocolConfig, data: CachedRows) -> dict[str, Any]:
     }
 
 
-def _save_head(
-    path: Path, trained: TrainedHead, job: _Job, statistics, config: ProtocolConfig
-) -> None:
-    torch.save(
-        {
-            "model": dataclasses.asdict(job.model),
-            "state_dict": trained.model.state_dict(),
-            "config": config_to_dict(config),
-            "best_epoch": trained.best_epoch,
-            "standardisation": statistics,  # apply to new features before the head
-            "seed": job.split.seed,
-        },
-        path,
-    )
+def head_path(folder: str | Path, model: str, kind: str, trial: int, fold: int) -> Path:
+    """Where the protocol saves one head: FOLDER/MODEL/trialT-foldF-KIND(.json|.safetensors)."""
+    return Path(folder) / model / f"trial{trial}-fold{fold}-{kind}"
+
+
+def _record(job: _Job, head: FittedHead, seconds: float) -> dict[str, Any]:
+    training = {
+        "learning_rate": None,
+        "best_epoch": None,
+        "first_eligible_epoch": None,
+        "epochs_trained": None,
+        "fallback_to_last_epoch": None,
+        **head.training_,
+    }
+    if head.kind == "head":
+        training["learning_rate"] = head.settings.learning_rate
+    return {
+        "model": job.model.name,
+        "head": head.kind,
+        "trial": job.split.trial,
+        "fold": job.split.fold,
+        "seed": job.split.seed,
+        **training,
+        "threshold": head.threshold_,
+        "seconds": round(seconds, 3),
+    }
 
 
 def run(config: ProtocolConfig) -> dict[str, Any]:
-    """Train and evaluate every requested model on every trial; write the predictions table.
+    """Fit and apply every requested model's head (and probe) on every trial; write the
+    predictions table, and save the heads of the models `save_models` names.
 
     Returns:
         The run records written to runs.json.
@@ -271,6 +266,11 @@ def run(config: ProtocolConfig) -> dict[str, Any]:
         protocol_models(config.image_encoder, config.text_encoder, config.vit_encoder),
         config.models,
     )
+    unknown = sorted(set(config.save_models) - {model.name for model in models})
+    if config.heads and unknown:
+        raise UserError(
+            f"save_models {unknown} are not among the models trained ({list(config.models)})"
+        )
     data = load_cached_rows(
         config.manifest,
         config.features,
@@ -291,97 +291,52 @@ def run(config: ProtocolConfig) -> dict[str, Any]:
         )
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    heads_folder = Path(config.heads) if config.heads else None
-    if heads_folder:
-        heads_folder.mkdir(parents=True, exist_ok=True)
+    kinds = ("head", "probe") if config.probes else ("head",)
     frames, curves, records = [], [], []
     learning_rate_of: dict[str, float] = {}
     searches: dict[str, list] = {}
     for job in tqdm(jobs, desc="protocol", unit="head"):
-        raw = [data.features[feature] for feature in job.model.inputs]
-        inputs, statistics = (
-            standardise(raw, job.rows["train"]) if config.standardise else (raw, None)
-        )
-        if config.centre_external and len(job.rows["external"]):
-            inputs = centre_sites(inputs, job.rows["train"], _external_sites(data, job))
         name = job.model.name
-        started = time.perf_counter()
-        trained = None
-        if name not in learning_rate_of:
-            if len(config.learning_rates) > 1:
-                learning_rate_of[name], searches[name], trained = _search_learning_rate(
-                    job, data, inputs, config
-                )
-            else:
-                learning_rate_of[name] = (config.learning_rates or (config.learning_rate,))[0]
-        settings = dataclasses.replace(config, learning_rate=learning_rate_of[name])
-        if trained is None:
-            trained = _train(job, data, inputs, settings)
-        probabilities = predict_proba(trained.model, inputs, settings.precision)
-        head_seconds = time.perf_counter() - started
-        val = job.rows["val"].numpy()
-        labels = data.labels.numpy()
-        record = {
-            "model": name,
-            "head": "head",
-            "trial": job.split.trial,
-            "fold": job.split.fold,
-            "seed": job.split.seed,
-            "learning_rate": settings.learning_rate,
-            "best_epoch": trained.best_epoch,
-            "first_eligible_epoch": trained.first_eligible_epoch,
-            "epochs_trained": trained.epochs_trained,
-            "fallback_to_last_epoch": trained.fallback,
-            "threshold": choose_threshold(labels[val], probabilities[val, -1]),
-            "seconds": round(head_seconds, 3),
-        }
-        records.append(record)
-        frames.append(
-            _prediction_frame(
-                data, job, "head", probabilities, record["threshold"], config.classes
-            )
-        )
-        curves.append(
-            pd.DataFrame(trained.history).assign(
-                model=name, trial=job.split.trial, fold=job.split.fold
-            )
-        )
-        if heads_folder and job.split.trial == 0 and job.split.fold == 0:
-            _save_head(heads_folder / f"{name}.pt", trained, job, statistics, settings)
-        del trained
-        release_freed_memory()  # before the probe, which needs its own float64 copy
-        if config.probes:
+        raw = [data.features[feature] for feature in job.model.inputs]
+        sites = _row_sites(data, job)
+        for kind in kinds:
             started = time.perf_counter()
-            probe = fit_probe(
-                inputs, data.labels, job.rows["train"], job.rows["val"], job.split.seed
-            )
-            probe_seconds = time.perf_counter() - started
-            records.append(
-                {
-                    **record,
-                    "head": "probe",
-                    "learning_rate": None,
-                    "best_epoch": None,
-                    "first_eligible_epoch": None,
-                    "epochs_trained": None,
-                    "fallback_to_last_epoch": None,
-                    "probe_c": probe.c,
-                    "threshold": choose_threshold(labels[val], probe.probabilities[val, -1]),
-                    "seconds": round(probe_seconds, 3),
-                }
-            )
+            head = None
+            if kind == "head" and name not in learning_rate_of:
+                if len(config.learning_rates) > 1:
+                    learning_rate_of[name], searches[name], head = _search_learning_rate(
+                        job, data, config
+                    )
+                else:
+                    learning_rate_of[name] = (config.learning_rates or (config.learning_rate,))[0]
+            if head is None:
+                settings = dataclasses.replace(config, learning_rate=learning_rate_of[name])
+                head = _fit(job, data, kind, settings, config)
+            probabilities = head.predict_proba(raw, sites)
+            records.append(_record(job, head, time.perf_counter() - started))
             frames.append(
-                _prediction_frame(
-                    data,
-                    job,
-                    "probe",
-                    probe.probabilities,
-                    records[-1]["threshold"],
-                    config.classes,
+                prediction_rows(
+                    data.table,
+                    job.split.splits.to_numpy(),
+                    model=name,
+                    head=kind,
+                    trial=job.split.trial,
+                    fold=job.split.fold,
+                    threshold=head.threshold_,
+                    probabilities=probabilities,
+                    classes=config.classes,
                 )
             )
-        del inputs
-        release_freed_memory()
+            if kind == "head":
+                curves.append(
+                    pd.DataFrame(head.history_).assign(
+                        model=name, trial=job.split.trial, fold=job.split.fold
+                    )
+                )
+            if config.heads and name in config.save_models:
+                head.save(head_path(config.heads, name, kind, job.split.trial, job.split.fold))
+            del head, probabilities
+            release_freed_memory()  # a head's copies of the inputs, before the next one
     predictions = pd.concat(frames, ignore_index=True)
     predictions.to_parquet(out / PREDICTIONS_FILE, index=False)
     pd.concat(curves, ignore_index=True).to_csv(out / CURVES_FILE, index=False)

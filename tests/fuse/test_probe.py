@@ -35,7 +35,7 @@ def test_c_is_the_grid_value_with_the_lowest_validation_loss():
     }
     assert result.c == min(losses, key=losses.get)
     assert result.val_loss == pytest.approx(losses[result.c], abs=1e-4)
-    assert result.probabilities.shape == (200, 2)
+    assert result.predict_proba(features.numpy()).shape == (200, 2)
 
 
 def test_repeated_rows_fitted_once_give_the_fit_on_every_row():
@@ -43,7 +43,7 @@ def test_repeated_rows_fitted_once_give_the_fit_on_every_row():
     train, val = torch.arange(0, 150), torch.arange(150, 200)
     result = fit_probe([features], labels, train, val, seed=0)
     expected = sklearn_on_every_row(features, labels, train, result.c)
-    np.testing.assert_allclose(result.probabilities, expected, atol=2e-3)
+    np.testing.assert_allclose(result.predict_proba(features.numpy()), expected, atol=2e-3)
 
 
 def test_one_vector_under_two_labels_is_fitted_row_by_row():
@@ -52,4 +52,4 @@ def test_one_vector_under_two_labels_is_fitted_row_by_row():
     train, val = torch.arange(0, 30), torch.arange(30, 40)
     result = fit_probe([features], labels, train, val, seed=0)
     expected = sklearn_on_every_row(features, labels, train, result.c)
-    np.testing.assert_allclose(result.probabilities, expected, atol=2e-3)
+    np.testing.assert_allclose(result.predict_proba(features.numpy()), expected, atol=2e-3)

@@ -8,11 +8,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from cache.store import FeatureSet, read_features, write_features
 from fuse import report
-from fuse.data import centre_sites, load_cached_rows, standardise
 from fuse.protocol import ProtocolConfig, run
 from fuse.schema import PREDICTIONS_FILE, RUNS_FILE
 from pipeline.errors import UserError
@@ -77,40 +75,6 @@ def test_no_patient_is_in_two_splits_of_any_trial_or_fold(synthetic_cache, tmp_p
         assert tested.ngroups == 2 * internal["patient_id"].nunique()
     splits_of = internal.groupby("trial").apply(lambda t: tuple(t["split"]), include_groups=False)
     assert (splits_of.iloc[0] == splits_of.iloc[1]) == (mode == "fixed")
-
-
-def test_standardisation_uses_training_rows_only(synthetic_cache):
-    data = load_cached_rows(
-        synthetic_cache["manifest"],
-        [synthetic_cache["image"], synthetic_cache["text"]],
-        [("blip2-qformer", "image")],
-        ("VCD", "GC"),
-    )
-    vectors = data.features[("blip2-qformer", "image")]
-    train = torch.arange(0, 100)
-    (standardised,), (statistics,) = standardise([vectors], train)
-    torch.testing.assert_close(statistics["mean"], vectors[train].mean(dim=0))
-    torch.testing.assert_close(standardised[train].mean(dim=0), torch.zeros(12), atol=1e-5, rtol=0)
-    shifted = vectors.clone()
-    shifted[150:] += 1000.0  # rows outside training must not move the statistics
-    (_,), (shifted_statistics,) = standardise([shifted], train)
-    torch.testing.assert_close(shifted_statistics["mean"], statistics["mean"])
-
-
-def test_each_site_is_centred_on_the_training_mean_and_other_rows_stay():
-    generator = torch.Generator().manual_seed(0)
-    vectors = torch.randn(30, 4, generator=generator)
-    vectors[20:25] += 7.0  # one external site's offset
-    vectors[25:] -= 3.0  # another's
-    train, sites = torch.arange(0, 15), [torch.arange(20, 25), torch.arange(25, 30)]
-    (centred,) = centre_sites([vectors], train, sites)
-    for rows in sites:
-        torch.testing.assert_close(centred[rows].mean(dim=0), vectors[train].mean(dim=0))
-        # a shift only: differences within the site are kept
-        torch.testing.assert_close(
-            centred[rows] - centred[rows][0], vectors[rows] - vectors[rows][0]
-        )
-    torch.testing.assert_close(centred[:20], vectors[:20], atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("centre_external", [True, False])

@@ -1,0 +1,576 @@
+"""A fitted head: everything between cached vectors and a decision, which can be saved,
+loaded and applied to new exams.
+
+It has the estimator shape scikit-learn users know: the constructor stores settings,
+`fit` sets the trailing-underscore attributes (standardisation statistics, each external
+site's centring shift, the network or the probe's weights, the validation thresholds),
+`predict_proba` applies all of them. The trained network (kind "head") and the
+logistic-regression probe (kind "probe") share this interface, so predict, analyses and
+explanations never ask which one they hold.
+
+Saved as a file pair that cannot run code on load, Hugging Face's habit: tensors in
+`NAME.safetensors`, everything else in `NAME.json`, with a format name and version that
+the loader checks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from fuse.model import FusionHead
+from fuse.probe import ProbeFit, fit_probe
+from fuse.train import HeadSettings, TrainedHead, predict_proba, train_head
+from fuse.zoo import ModelSpec
+from pipeline.errors import UserError
+from pipeline.metrics import choose_threshold, threshold_for_target
+
+HEAD_FORMAT = "vlmf-head"
+HEAD_FORMAT_VERSION = 1
+KINDS = ("head", "probe")
+CENTRING = {
+    "stored": "rows of an external site seen by the protocol get that site's stored shift "
+    "(computed there from the site's own vectors, no labels); other rows as they are",
+    "batch": "each site of the rows given that is not a training site is shifted so its "
+    "mean is the training rows' mean, from these rows' own vectors (a calibration batch "
+    "of the new site: use many of its exams, not one)",
+    "none": "every row as it is",
+}
+TENSOR_SUFFIX, CONFIG_SUFFIX = ".safetensors", ".json"
+# Provenance that must match between a head and the features it is applied to.
+IDENTITY_FIELDS = ("encoder", "modality", "width", "weights_fingerprint", "pooling")
+
+
+@dataclass(frozen=True)
+class FeatureSource:
+    """What one input of a head was: the feature file's provenance that defines its vectors."""
+
+    encoder: str
+    modality: str
+    width: int
+    weights: str | None  # tiny, hub or a folder, as extraction was told
+    weights_fingerprint: str | None
+    pooling: str | None
+    dtype: str | None
+    extract_config: Mapping[str, Any]  # how extraction ran, to run it again for a new exam
+
+    @classmethod
+    def from_provenance(cls, provenance: Mapping[str, Any], width: int) -> FeatureSource:
+        """The source of vectors of `width` from a feature file's provenance."""
+        return cls(
+            encoder=str(provenance.get("encoder")),
+            modality=str(provenance.get("modality")),
+            width=int(width),
+            weights=provenance.get("weights"),
+            weights_fingerprint=provenance.get("weights_fingerprint"),
+            pooling=provenance.get("pooling"),
+            dtype=provenance.get("dtype"),
+            extract_config=dict(provenance.get("extract_config") or {}),
+        )
+
+    def describe(self) -> str:
+        """One phrase naming the vectors, e.g. "1024-d blip2-qformer image (weights ab12...,
+        pooling mean)"."""
+        fingerprint = (self.weights_fingerprint or "unrecorded")[:12]
+        return (
+            f"{self.width}-d {self.encoder} {self.modality} (weights {fingerprint}, "
+            f"pooling {self.pooling})"
+        )
+
+
+class FittedHead:
+    """A head of one model of the protocol, or its probe.
+
+    Args:
+        model: which model (features and head type) this is.
+        kind: "head" (the trained network) or "probe" (L2 logistic regression).
+        settings: the network's architecture and optimisation (unused by a probe).
+        classes: class names, negative first.
+        standardise: z-score each input with the training rows' statistics.
+        centre_external: store a centring shift for each external site given to `fit`.
+        target_sensitivity, target_specificity: the rates the stored operating points
+            reach on validation.
+        origin: where the head comes from (trial, fold, seed, ...), kept with it.
+    """
+
+    def __init__(
+        self,
+        model: ModelSpec,
+        kind: str = "head",
+        settings: HeadSettings | None = None,
+        classes: Sequence[str] = ("VCD", "GC"),
+        standardise: bool = True,
+        centre_external: bool = True,
+        target_sensitivity: float = 0.95,
+        target_specificity: float = 0.95,
+        origin: Mapping[str, Any] | None = None,
+    ) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"kind {kind!r}: choose from {KINDS}")
+        self.model = model
+        self.kind = kind
+        self.settings = settings or HeadSettings()
+        self.classes = tuple(classes)
+        self.standardise = standardise
+        self.centre_external = centre_external
+        self.target_sensitivity = target_sensitivity
+        self.target_specificity = target_specificity
+        self.origin = dict(origin or {})
+
+    # Fitting
+
+    def fit(
+        self,
+        inputs: Sequence[torch.Tensor],
+        labels: torch.Tensor,
+        train_rows: torch.Tensor,
+        val_rows: torch.Tensor,
+        seed: int,
+        *,
+        sources: Sequence[FeatureSource],
+        report_groups: torch.Tensor | None = None,
+        external_sites: Mapping[str, torch.Tensor] | None = None,
+        training_sites: Sequence[str] = (),
+    ) -> FittedHead:
+        """Fit on `train_rows`, choose the epoch (or C) and the thresholds on `val_rows`.
+
+        Args:
+            inputs: row-aligned raw vectors, one matrix per input of the model.
+            labels: [rows] class indices (only train and val rows are read).
+            seed: initialisation, batch order and the probe's tie-breaking.
+            sources: the provenance of each input's vectors.
+            report_groups: [rows]; rows sharing a report are not NT-Xent negatives.
+            external_sites: rows of each external site, whose own vectors (never their
+                labels) give the site's centring shift.
+            training_sites: the sites of the training rows, which are never shifted.
+        """
+        if len(sources) != len(inputs):
+            raise ValueError(f"{len(inputs)} inputs but {len(sources)} sources")
+        self.sources_ = tuple(sources)
+        self.training_sites_ = tuple(dict.fromkeys(training_sites))
+        self.standardisation_ = (
+            [
+                {"mean": train.mean(dim=0), "sd": train.std(dim=0).clamp(min=1e-6)}
+                for train in (vectors[train_rows] for vectors in inputs)
+            ]
+            if self.standardise
+            else None
+        )
+        standardised = self._standardised(inputs)
+        self.train_mean_ = [vectors[train_rows].mean(dim=0) for vectors in standardised]
+        self.site_shifts_ = {
+            site: [
+                mean - vectors[rows].mean(dim=0)
+                for mean, vectors in zip(self.train_mean_, standardised, strict=True)
+            ]
+            for site, rows in (external_sites or {}).items()
+            if self.centre_external and len(rows)
+        }
+        ready = _shifted(
+            standardised,
+            {
+                site: rows
+                for site, rows in (external_sites or {}).items()
+                if site in self.site_shifts_
+            },
+            self.site_shifts_,
+        )
+        if self.kind == "head":
+            trained = self._train_network(ready, labels, report_groups, train_rows, val_rows, seed)
+            self.network_ = trained.model
+            self.training_ = {
+                "best_epoch": trained.best_epoch,
+                "first_eligible_epoch": trained.first_eligible_epoch,
+                "epochs_trained": trained.epochs_trained,
+                "fallback_to_last_epoch": trained.fallback,
+            }
+            self.history_ = trained.history
+        else:
+            self.probe_ = fit_probe(ready, labels, train_rows, val_rows, seed)
+            self.training_ = {"probe_c": self.probe_.c, "probe_val_loss": self.probe_.val_loss}
+            self.history_ = []
+        val = val_rows.numpy()
+        val_scores = self._probabilities(ready)[val, -1]
+        val_labels = labels.numpy()[val]
+        self.thresholds_ = {
+            "youden": choose_threshold(val_labels, val_scores),
+            "0.5": 0.5,
+            "sensitivity": threshold_for_target(
+                val_labels, val_scores, self.target_sensitivity, "sensitivity"
+            ),
+            "specificity": threshold_for_target(
+                val_labels, val_scores, self.target_specificity, "specificity"
+            ),
+        }
+        return self
+
+    def _train_network(
+        self,
+        inputs: Sequence[torch.Tensor],
+        labels: torch.Tensor,
+        report_groups: torch.Tensor | None,
+        train_rows: torch.Tensor,
+        val_rows: torch.Tensor,
+        seed: int,
+    ) -> TrainedHead:
+        torch.manual_seed(seed)
+        network = self._network([len(source_mean) for source_mean in self.train_mean_])
+        groups = report_groups if report_groups is not None else torch.arange(len(labels))
+        return train_head(
+            network, inputs, labels, groups, train_rows, val_rows, self.settings, seed
+        )
+
+    def _network(self, widths: Sequence[int]) -> FusionHead:
+        names = [
+            f"{modality}{position}" for position, (_, modality) in enumerate(self.model.inputs)
+        ]
+        projection_of = {
+            "image": self.settings.image_projection,
+            "text": self.settings.text_projection,
+        }
+        vlmf = self.model.head == "vlmf"
+        return FusionHead(
+            input_widths=dict(zip(names, widths, strict=True)),
+            projections=(
+                {
+                    name: projection_of[modality]
+                    for name, (_, modality) in zip(names, self.model.inputs, strict=True)
+                }
+                if vlmf
+                else {}
+            ),
+            hidden_widths=self.settings.hidden_widths,
+            dropout=self.settings.dropout,
+            num_classes=len(self.classes),
+            contrastive_width=self.settings.contrastive_width if vlmf else 0,
+        )
+
+    # Applying
+
+    @property
+    def threshold_(self) -> float:
+        """The validation cut that maximises Youden's J: the default operating point."""
+        return self.thresholds_["youden"]
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "thresholds_"):
+            raise RuntimeError("this head is not fitted: call fit() or FittedHead.load()")
+
+    def _standardised(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        if self.standardisation_ is None:
+            return [vectors.float() for vectors in inputs]
+        return [
+            (vectors.float() - stats["mean"]) / stats["sd"]
+            for vectors, stats in zip(inputs, self.standardisation_, strict=True)
+        ]
+
+    def _batch_shifts(
+        self, standardised: Sequence[torch.Tensor], sites: Sequence[str]
+    ) -> dict[str, list[torch.Tensor]]:
+        site_array = np.asarray(sites, dtype=object)
+        return {
+            site: [
+                mean - vectors[torch.from_numpy(site_array == site)].mean(dim=0)
+                for mean, vectors in zip(self.train_mean_, standardised, strict=True)
+            ]
+            for site in dict.fromkeys(sites)
+            if site is not None and site not in self.training_sites_
+        }
+
+    def prepared(
+        self,
+        inputs: Sequence[torch.Tensor],
+        sites: Sequence[str | None] | None = None,
+        centring: str = "stored",
+    ) -> list[torch.Tensor]:
+        """The head's own inputs: standardised, and centred per site as `centring` says.
+
+        Args:
+            inputs: raw vectors, one matrix per input, in the model's order.
+            sites: each row's site; None (or a None entry) leaves rows uncentred.
+            centring: a key of CENTRING.
+        """
+        self._check_fitted()
+        if centring not in CENTRING:
+            raise UserError(f"centring {centring!r}: choose from {', '.join(CENTRING)}")
+        self.check_widths([vectors.shape[1] for vectors in inputs])
+        standardised = self._standardised(inputs)
+        if sites is None or centring == "none":
+            return standardised
+        if centring == "batch":
+            shifts = self._batch_shifts(standardised, sites)
+        else:
+            shifts = self.site_shifts_
+        site_array = np.asarray(sites, dtype=object)
+        rows_of_site = {
+            site: torch.from_numpy(np.flatnonzero(site_array == site))
+            for site in shifts
+            if (site_array == site).any()
+        }
+        return _shifted(standardised, rows_of_site, shifts)
+
+    def _probabilities(self, prepared: Sequence[torch.Tensor]) -> np.ndarray:
+        if self.kind == "head":
+            return predict_proba(self.network_, prepared, self.settings.precision)
+        features = torch.cat(list(prepared), dim=1).numpy()
+        return self.probe_.predict_proba(features)
+
+    def predict_proba(
+        self,
+        inputs: Sequence[torch.Tensor],
+        sites: Sequence[str | None] | None = None,
+        centring: str = "stored",
+    ) -> np.ndarray:
+        """Class probabilities [rows, classes] of raw vectors (see `prepared`)."""
+        return self._probabilities(self.prepared(inputs, sites, centring))
+
+    # Checks
+
+    def check_widths(self, widths: Sequence[int]) -> None:
+        """Raise a UserError when the inputs' widths are not the ones the head was fitted on."""
+        expected = [source.width for source in self.sources_]
+        if list(widths) != expected:
+            raise UserError(
+                f"features are {'/'.join(map(str, widths))}-d; this {self.model.name} "
+                f"{self.kind} was trained on {'/'.join(map(str, expected))}-d "
+                f"({', '.join(source.describe() for source in self.sources_)})"
+            )
+
+    def check_sources(self, sources: Sequence[FeatureSource], where: Sequence[str]) -> None:
+        """Raise a UserError naming both sides when features are not the head's kind.
+
+        Args:
+            sources: the provenance of the features to score, one per input.
+            where: the file each came from, for the message.
+        """
+        self._check_fitted()
+        for ours, theirs, path in zip(self.sources_, sources, where, strict=True):
+            differing = [
+                field for field in IDENTITY_FIELDS if getattr(ours, field) != getattr(theirs, field)
+            ]
+            if differing:
+                raise UserError(
+                    f"{path} holds {theirs.describe()}; this {self.model.name} {self.kind} "
+                    f"was trained on {ours.describe()} ({', '.join(differing)} differ): "
+                    "extract the features with the head's encoder and weights"
+                )
+            if ours.dtype != theirs.dtype:
+                print(
+                    f"warning: {path} was extracted in {theirs.dtype}; the head's features "
+                    f"were {ours.dtype}: probabilities may differ slightly",
+                    file=sys.stderr,
+                )
+
+    def describe(self) -> str:
+        """ "M4 head (trial 0, fold 0)"."""
+        where = ", ".join(
+            f"{key} {value}" for key, value in self.origin.items() if key in ("trial", "fold")
+        )
+        return f"{self.model.name} {self.kind}" + (f" ({where})" if where else "")
+
+    # Saving
+
+    def save(self, path: str | Path) -> Path:
+        """Write NAME.safetensors and NAME.json (atomically each); return the JSON's path.
+
+        Args:
+            path: the pair's name, with or without a suffix.
+        """
+        self._check_fitted()
+        stem = _stem(path)
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        tensors: dict[str, torch.Tensor] = {}
+        for position, mean in enumerate(self.train_mean_):
+            tensors[f"train_mean.{position}"] = mean
+        for position, stats in enumerate(self.standardisation_ or ()):
+            tensors[f"standardise.{position}.mean"] = stats["mean"]
+            tensors[f"standardise.{position}.sd"] = stats["sd"]
+        sites = list(self.site_shifts_)
+        for index, site in enumerate(sites):
+            for position, shift in enumerate(self.site_shifts_[site]):
+                tensors[f"centre.{index}.{position}"] = shift
+        if self.kind == "head":
+            for name, value in self.network_.state_dict().items():
+                tensors[f"network.{name}"] = value
+        else:
+            tensors["probe.coef"] = torch.from_numpy(self.probe_.coef)
+            tensors["probe.intercept"] = torch.from_numpy(self.probe_.intercept)
+        config = {
+            "format": HEAD_FORMAT,
+            "version": HEAD_FORMAT_VERSION,
+            "kind": self.kind,
+            "model": dataclasses.asdict(self.model),
+            "settings": {
+                field.name: _plain(getattr(self.settings, field.name))
+                for field in dataclasses.fields(HeadSettings)
+            },
+            "classes": list(self.classes),
+            "standardise": self.standardise,
+            "centre_external": self.centre_external,
+            "target_sensitivity": self.target_sensitivity,
+            "target_specificity": self.target_specificity,
+            "origin": self.origin,
+            "sources": [dataclasses.asdict(source) for source in self.sources_],
+            "training_sites": list(self.training_sites_),
+            "external_sites": sites,
+            "thresholds": self.thresholds_,
+            "training": self.training_,
+        }
+        if self.kind == "probe":
+            config["probe"] = {"c": self.probe_.c, "val_loss": self.probe_.val_loss}
+        tensor_path, config_path = stem.with_suffix(TENSOR_SUFFIX), stem.with_suffix(CONFIG_SUFFIX)
+        partial = tensor_path.with_name(tensor_path.name + ".partial")
+        save_file(
+            {name: value.contiguous() for name, value in tensors.items()},
+            str(partial),
+            metadata={"format": HEAD_FORMAT, "version": str(HEAD_FORMAT_VERSION)},
+        )
+        partial.replace(tensor_path)
+        partial = config_path.with_name(config_path.name + ".partial")
+        partial.write_text(json.dumps(config, indent=2, default=str) + "\n", encoding="utf-8")
+        partial.replace(config_path)
+        return config_path
+
+    @classmethod
+    def load(cls, path: str | Path) -> FittedHead:
+        """Read a head saved by `save`; no code in the files runs.
+
+        Raises:
+            UserError: a missing or damaged file, another format or version.
+        """
+        stem = _stem(path)
+        config_path, tensor_path = stem.with_suffix(CONFIG_SUFFIX), stem.with_suffix(TENSOR_SUFFIX)
+        for needed in (config_path, tensor_path):
+            if not needed.is_file():
+                raise UserError(
+                    f"{needed} does not exist: a saved head is a pair NAME.json + "
+                    "NAME.safetensors (python -m fuse protocol --heads FOLDER writes them)"
+                )
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+            tensors = load_file(str(tensor_path))
+        except (UnicodeDecodeError, json.JSONDecodeError, SafetensorError, OSError) as error:
+            raise UserError(
+                f"{stem}: the head's files are damaged ({type(error).__name__}); save the "
+                "head again (rerun `python -m fuse protocol`)"
+            ) from None
+        if config.get("format") != HEAD_FORMAT or config.get("version") != HEAD_FORMAT_VERSION:
+            raise UserError(
+                f"{config_path}: format {config.get('format')!r} version "
+                f"{config.get('version')!r}; this tool reads {HEAD_FORMAT} version "
+                f"{HEAD_FORMAT_VERSION}: save the head again with this version"
+            )
+        try:
+            return cls._from_saved(config, tensors)
+        except (KeyError, TypeError, ValueError, RuntimeError) as error:
+            raise UserError(
+                f"{stem}: the head's files do not fit together ({type(error).__name__}: "
+                f"{error}); save the head again (rerun `python -m fuse protocol`)"
+            ) from None
+
+    @classmethod
+    def _from_saved(cls, config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]):
+        model = ModelSpec(
+            **{
+                **config["model"],
+                "inputs": tuple(tuple(feature) for feature in config["model"]["inputs"]),
+            }
+        )
+        settings = HeadSettings(
+            **{
+                name: tuple(value) if isinstance(value, list) else value
+                for name, value in config["settings"].items()
+            }
+        )
+        head = cls(
+            model,
+            config["kind"],
+            settings,
+            config["classes"],
+            config["standardise"],
+            config["centre_external"],
+            config["target_sensitivity"],
+            config["target_specificity"],
+            config["origin"],
+        )
+        head.sources_ = tuple(FeatureSource(**source) for source in config["sources"])
+        positions = range(len(head.sources_))
+        head.train_mean_ = [tensors[f"train_mean.{position}"] for position in positions]
+        head.standardisation_ = (
+            [
+                {
+                    "mean": tensors[f"standardise.{position}.mean"],
+                    "sd": tensors[f"standardise.{position}.sd"],
+                }
+                for position in positions
+            ]
+            if head.standardise
+            else None
+        )
+        head.training_sites_ = tuple(config["training_sites"])
+        head.site_shifts_ = {
+            site: [tensors[f"centre.{index}.{position}"] for position in positions]
+            for index, site in enumerate(config["external_sites"])
+        }
+        head.thresholds_ = dict(config["thresholds"])
+        head.training_ = dict(config["training"])
+        head.history_ = []
+        if head.kind == "head":
+            network = head._network([source.width for source in head.sources_])
+            prefix = "network."
+            network.load_state_dict(
+                {
+                    name[len(prefix) :]: value
+                    for name, value in tensors.items()
+                    if name.startswith(prefix)
+                }
+            )
+            head.network_ = network.eval()
+        else:
+            head.probe_ = ProbeFit(
+                coef=tensors["probe.coef"].numpy(),
+                intercept=tensors["probe.intercept"].numpy(),
+                c=config["probe"]["c"],
+                val_loss=config["probe"]["val_loss"],
+            )
+        return head
+
+
+def _shifted(
+    inputs: Sequence[torch.Tensor],
+    rows_of_site: Mapping[str, torch.Tensor],
+    shifts: Mapping[str, Sequence[torch.Tensor]],
+) -> list[torch.Tensor]:
+    """Each input with `shifts[site][input]` added to the rows of each site."""
+    if not rows_of_site:
+        return list(inputs)
+    shifted = []
+    for position, vectors in enumerate(inputs):
+        vectors = vectors.clone()
+        for site, rows in rows_of_site.items():
+            vectors[rows] += shifts[site][position]
+        shifted.append(vectors)
+    return shifted
+
+
+def _stem(path: str | Path) -> Path:
+    path = Path(path)
+    return path.with_suffix("") if path.suffix in (TENSOR_SUFFIX, CONFIG_SUFFIX) else path
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    return value
