@@ -542,6 +542,7 @@ def run(config: ExtractConfig) -> Path:
         check_images=spec.modality != "text",
         allow_missing_images=not config.strict,
         allow_empty_reports=not config.strict,
+        labels_required=False,  # encoders never read labels: new data can be extracted
         image_root=config.image_root or None,
         labels_per_exam=config.labels_per_exam,
     )

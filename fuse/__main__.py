@@ -1,8 +1,9 @@
-"""`python -m fuse protocol | report`: train heads on cached features, then report on them."""
+"""`python -m fuse protocol | report | predict`: train heads on cached features, report on
+them, and apply saved heads to new exams."""
 
 import sys
 
-from fuse import protocol, report
+from fuse import predict, protocol, report
 from pipeline.cli import stage_main
 
 PROTOCOL_DESCRIPTION = """\
@@ -31,9 +32,26 @@ REPORT_EXAMPLES = """\
   python -m fuse report --protocol reports/protocol --out reports
 """
 
+PREDICT_DESCRIPTION = """\
+Apply saved heads to new exams: score every image-report pair of a manifest whose features
+were extracted with the heads' encoders (python -m extract, same encoder, weights and
+pooling: other features are refused), decide at an operating point chosen on the heads'
+validation patients, and aggregate per exam. A folder of heads (models/M4: every trial's
+head) is an ensemble: probabilities and thresholds are averaged. Labels are optional and
+only echoed. To go from image files and a report to a decision in one step, use
+`python -m extract.predict`, which runs the encoders first."""
+
+PREDICT_EXAMPLES = """\
+  python -m fuse predict --head models/M4 --manifest new/manifest.csv \\
+      --features new/image.h5 new/text.h5 --out new/predictions.csv
+  python -m fuse predict --head models/M4/trial0-fold0-head.json --manifest ... \\
+      --features ... --operating-point sensitivity --centring batch --json true
+"""
+
 COMMANDS = {
     "protocol": (protocol.ProtocolConfig, protocol.run, PROTOCOL_DESCRIPTION, PROTOCOL_EXAMPLES),
     "report": (report.ReportConfig, report.run, REPORT_DESCRIPTION, REPORT_EXAMPLES),
+    "predict": (predict.PredictConfig, predict.run, PREDICT_DESCRIPTION, PREDICT_EXAMPLES),
 }
 
 
@@ -41,9 +59,10 @@ def main(argv: list[str]) -> None:
     """Dispatch to a subcommand; without one, say which exist."""
     if not argv or argv[0] not in COMMANDS:
         print(
-            "usage: python -m fuse {protocol,report} [--help] ...\n"
+            "usage: python -m fuse {protocol,report,predict} [--help] ...\n"
             "  protocol  train every model and trial on cached features -> predictions table\n"
-            "  report    tables, ROC plots and training curves from that table",
+            "  report    tables, ROC plots and training curves from that table\n"
+            "  predict   apply saved heads to the cached features of new exams",
             file=sys.stderr,
         )
         raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
@@ -52,7 +71,7 @@ def main(argv: list[str]) -> None:
         config_cls,
         run,
         prog=f"python -m fuse {argv[0]}",
-        section=f"fuse_{argv[0]}" if argv[0] == "report" else "fuse",
+        section="fuse" if argv[0] == "protocol" else f"fuse_{argv[0]}",
         description=description,
         examples=examples,
         argv=argv[1:],

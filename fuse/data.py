@@ -122,6 +122,7 @@ def load_cached_rows(
     labels_per_exam: bool = False,
     expect_weights: str = "",
     expect_dtype: str = "",
+    labels_required: bool = True,
 ) -> CachedRows:
     """Validate the manifest and align the vectors of every needed feature with its rows.
 
@@ -139,6 +140,8 @@ def load_cached_rows(
         labels_per_exam: a patient's exams may have different labels (see load_manifest).
         expect_weights: "" (any), "tiny" or "real": the weights every file must come from.
         expect_dtype: "" (any) or the dtype every file must have been extracted in.
+        labels_required: false for rows to predict: a blank or absent label is read as
+            unknown (class index -1).
 
     Raises:
         UserError: a bad manifest, a needed feature in none of the files, vectors of other
@@ -151,6 +154,7 @@ def load_cached_rows(
         check_images=False,
         labels_per_exam=labels_per_exam,
         allow_empty_reports=True,  # extraction skipped them: their pairs are left out
+        labels_required=labels_required,
     ).reset_index(drop=True)
     index = index_feature_files(feature_paths)
     stored: dict[FeatureId, _Stored] = {}
@@ -197,7 +201,9 @@ def load_cached_rows(
     class_index = {name: position for position, name in enumerate(classes)}
     return CachedRows(
         table=table,
-        labels=torch.tensor(table["label"].map(class_index).to_numpy(), dtype=torch.long),
+        labels=torch.tensor(
+            table["label"].map(class_index).fillna(-1).to_numpy(), dtype=torch.long
+        ),
         report_groups=torch.from_numpy(report_groups.astype(np.int64)),
         features=features,
         provenance={feature: dict(item.features.provenance) for feature, item in stored.items()},

@@ -107,6 +107,7 @@ def load_manifest(
     labels_per_exam: bool = False,
     allow_missing_images: bool = False,
     allow_empty_reports: bool = False,
+    labels_required: bool = True,
 ) -> pd.DataFrame:
     """Read and validate a manifest.
 
@@ -125,6 +126,9 @@ def load_manifest(
         allow_empty_reports: leave empty and whitespace-only reports to extraction's
             screening (which skips and records them) and to training (which leaves their
             pairs out) instead of refusing.
+        labels_required: false for data to extract or to predict, whose labels may be
+            unknown: the label column may be absent or blank (read as ""); a label that is
+            given must still be one of `classes`.
 
     Returns:
         The table with every optional column present: `exam_id` defaults to one exam per
@@ -138,6 +142,8 @@ def load_manifest(
     """
     path = Path(path)
     table = read_table(path)
+    if not labels_required and "label" not in table.columns:
+        table["label"] = ""
     missing = [column for column in REQUIRED_COLUMNS if column not in table.columns]
     if missing:
         raise UserError(_missing_columns(path, table, missing))
@@ -145,9 +151,14 @@ def load_manifest(
         raise UserError(f"manifest {path} has a header but no rows")
     for column in REQUIRED_COLUMNS:
         table[column] = table[column].astype(str)
-        if column != "report_text" or not allow_empty_reports:
+        optional = (column == "report_text" and allow_empty_reports) or (
+            column == "label" and not labels_required
+        )
+        if not optional:
             _fail(path, column, table[column].str.strip() == "", "empty value")
-    unknown_label = ~table["label"].isin(list(classes))
+    if not labels_required:
+        table.loc[table["label"].str.strip() == "", "label"] = ""
+    unknown_label = ~table["label"].isin([*classes, *([""] if not labels_required else [])])
     _fail(
         path,
         "label",
