@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -314,6 +315,12 @@ def run(config: ProtocolConfig) -> dict[str, Any]:
                 head = _fit(job, data, kind, settings, config)
             probabilities = head.predict_proba(raw, sites)
             records.append(_record(job, head, time.perf_counter() - started))
+            if records[-1]["fallback_to_last_epoch"]:
+                tqdm.write(
+                    f"warning: {head.describe()}: no epoch after warm-up predicted both classes "
+                    "on validation; its last epoch was kept (see the report's Training table)",
+                    file=sys.stderr,
+                )
             frames.append(
                 prediction_rows(
                     data.table,
