@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -161,3 +162,71 @@ def roc_points(labels: np.ndarray, positive_scores: np.ndarray) -> tuple[np.ndar
     """False- and true-positive rates of the ROC curve of the positive (last) class."""
     false_positive_rate, true_positive_rate, _ = sk.roc_curve(labels, positive_scores)
     return false_positive_rate, true_positive_rate
+
+
+def threshold_for_sensitivity(
+    labels: np.ndarray, positive_scores: np.ndarray, target: float
+) -> float:
+    """The highest cut whose sensitivity on these (validation) cases is at least `target`.
+
+    Predicted positive is score >= cut, so the cut is the k-th highest positive score with
+    k = ceil(target x positives): the fewest positives called that still meet the target,
+    which leaves the most negatives below the cut. NaN without positives.
+    """
+    labels, positive_scores = np.asarray(labels), np.asarray(positive_scores, dtype=float)
+    positives = np.sort(positive_scores[labels == 1])[::-1]
+    if len(positives) == 0:
+        return float("nan")
+    needed = max(1, math.ceil(target * len(positives) - 1e-9))
+    return float(positives[needed - 1])
+
+
+def threshold_for_specificity(
+    labels: np.ndarray, positive_scores: np.ndarray, target: float
+) -> float:
+    """The lowest cut whose specificity on these (validation) cases is at least `target`.
+
+    Negatives below the cut are called negative, so the cut sits just above the k-th lowest
+    negative score with k = ceil(target x negatives). NaN without negatives.
+    """
+    labels, positive_scores = np.asarray(labels), np.asarray(positive_scores, dtype=float)
+    negatives = np.sort(positive_scores[labels == 0])
+    if len(negatives) == 0:
+        return float("nan")
+    needed = max(1, math.ceil(target * len(negatives) - 1e-9))
+    return float(np.nextafter(negatives[needed - 1], np.inf))
+
+
+def expected_calibration_error(
+    labels: np.ndarray, positive_scores: np.ndarray, bins: int = 10
+) -> float:
+    """Expected calibration error of the positive-class probability over equal-width bins.
+
+    The sum over bins of |observed positive rate - mean probability|, weighted by the bin's
+    share of cases; bins are [0, 1/bins), ..., [1 - 1/bins, 1] and empty ones count 0.
+    """
+    labels = np.asarray(labels, dtype=float)
+    positive_scores = np.asarray(positive_scores, dtype=float)
+    if len(labels) == 0:
+        return float("nan")
+    bin_of = np.clip((positive_scores * bins).astype(int), 0, bins - 1)
+    # |sum of (label - probability)| per bin over N is the bin's gap times its share
+    gap = np.bincount(bin_of, weights=labels - positive_scores, minlength=bins)
+    return float(np.abs(gap).sum() / len(labels))
+
+
+def net_benefit(
+    labels: np.ndarray, positive_scores: np.ndarray, thresholds: np.ndarray
+) -> np.ndarray:
+    """Net benefit of treating cases whose score is >= each threshold probability p.
+
+    NB(p) = TP/N - FP/N x p / (1 - p) (Vickers & Elkin 2006): a false positive costs p/(1-p)
+    true positives, the odds at which a clinician is indifferent to treating.
+    """
+    labels = np.asarray(labels, dtype=bool)
+    positive_scores = np.asarray(positive_scores, dtype=float)
+    thresholds = np.asarray(thresholds, dtype=float)
+    treated = positive_scores[None, :] >= thresholds[:, None]
+    true_positive = (treated & labels).sum(axis=1) / len(labels)
+    false_positive = (treated & ~labels).sum(axis=1) / len(labels)
+    return true_positive - false_positive * thresholds / (1 - thresholds)
