@@ -233,3 +233,5 @@ def test_mean_sd_and_its_format():
         mean_sd([])
     assert format_mean_sd(0.7764, 0.0213) == "0.776 (0.021)"
     assert format_mean_sd(0.7764, 0.0213, digits=2) == "0.78 (0.02)"
+    assert format_mean_sd(0.7764, sd) == "0.776 (–)"  # one trial: no "(nan)"
+    assert format_mean_sd(float("nan"), sd) == "–"
