@@ -13,8 +13,13 @@ import numpy as np
 import pandas as pd
 
 from fuse.schema import EVALUATED_SETS, LEVELS, positive_column
-from pipeline.metrics import classification_metrics, roc_auc
-from pipeline.stats import bootstrap_ci, mean_sd, paired_trials_test
+from pipeline.metrics import (
+    classification_metrics,
+    weighted_auc,
+    weighted_macro_f1,
+    weighted_share,
+)
+from pipeline.stats import bootstrap_weights, mean_sd, paired_trials_test, percentile_interval
 
 OPERATING_POINTS = {"0.5": "probability cut at 0.5", "val": "cut chosen on validation (Youden)"}
 REFERENCE_MODEL = "M4"
@@ -166,22 +171,23 @@ def averaged_over_trials(rows: pd.DataFrame, level: str = "image") -> pd.DataFra
 def confidence_intervals(
     averaged: pd.DataFrame, classes: Sequence[str], resamples: int, seed: int
 ) -> pd.DataFrame:
-    """95% CIs by bootstrap over patients of AUC, accuracy and F1 (at 0.5), per model and set."""
-    metric_of = {
-        "auc": roc_auc,
-        "accuracy": lambda labels, scores: float(np.mean((scores >= 0.5) == labels)),
-        "f1": lambda labels, scores: classification_metrics(
-            labels, np.c_[1 - scores, scores], classes
-        )["f1"],
-    }
+    """95% CIs by bootstrap over patients of AUC, accuracy and F1 (at 0.5), per model and set.
+
+    All resamples at once, as patient-count weights (`bootstrap_weights`).
+    """
     records = []
     for (model, head, split), rows in averaged.groupby(["model", "head", "split"], sort=False):
-        labels = rows["positive"].to_numpy(dtype=int)
+        labels = rows["positive"].to_numpy(dtype=bool)
         scores = rows["score"].to_numpy()
+        weights = bootstrap_weights(rows["patient_id"].to_numpy(), resamples, seed)
+        called = scores >= 0.5
+        values = {
+            "auc": weighted_auc(labels, scores, weights),
+            "accuracy": weighted_share(called == labels, np.ones(len(labels)), weights),
+            "f1": weighted_macro_f1(labels, called, weights),
+        }
         for name in CI_METRICS:
-            low, high = bootstrap_ci(
-                labels, scores, rows["patient_id"].to_numpy(), metric_of[name], resamples, seed=seed
-            )
+            low, high = percentile_interval(values[name])
             records.append(
                 {
                     "level": "image",

@@ -4,8 +4,8 @@ analysis of fuse.analyses from the predictions table, with no training.
 Writes tables.md (laid out like the paper's Tables 2, 3 and 4, then one section per
 analysis) with tables.json beside it, roc_internal.png and roc_external.png (every model on
 one plot per set), training_curves.png, one small JSON per model under metrics/ for
-`dvc metrics show`, and under analyses/ one CSV per analysis table and one PNG per figure
-(<analysis>_<name>.csv / .png).
+`dvc metrics show`, one CSV per analysis table under analyses/ and one PNG per analysis
+figure under plots/ (<analysis>_<name>.csv, <analysis>_<name>.png).
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ from pipeline.stats import format_mean_sd
 PLOT_FILES = {"test": "roc_internal.png", "external": "roc_external.png"}
 TABLE_METRICS = ("accuracy", "precision", "recall", "f1", "auc", "sensitivity", "specificity")
 DVC_METRICS = ("auc", "accuracy")
-ANALYSES_FOLDER = "analyses"
+ANALYSES_FOLDER = "analyses"  # one CSV per analysis table
+FIGURES_FOLDER = "plots"  # one PNG per analysis figure (a dvc plots folder)
 
 
 @dataclass(frozen=True)
@@ -190,7 +191,7 @@ def _analysis_markdown(name: str, result: AnalysisResult) -> list[str]:
         lines += [f"{name}: {table} ({ANALYSES_FOLDER}/{name}_{table}.csv)", ""]
         lines += frame_markdown(result.tables[table]) + [""]
     for figure in result.figures:
-        lines += [f"![{name} {figure}]({ANALYSES_FOLDER}/{name}_{figure}.png)", ""]
+        lines += [f"![{name} {figure}]({FIGURES_FOLDER}/{name}_{figure}.png)", ""]
     return lines
 
 
@@ -320,15 +321,17 @@ def _write_dvc_metrics(folder: Path, summary: pd.DataFrame) -> None:
         _write_json(folder / f"{model}.json", values)
 
 
-def _write_analyses(folder: Path, results: Mapping[str, AnalysisResult]) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    for stale in [*folder.glob("*.csv"), *folder.glob("*.png")]:
-        stale.unlink()
+def _write_analyses(out: Path, results: Mapping[str, AnalysisResult]) -> None:
+    tables, figures = out / ANALYSES_FOLDER, out / FIGURES_FOLDER
+    for folder, suffix in ((tables, "csv"), (figures, "png")):
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.glob(f"*.{suffix}"):
+            stale.unlink()
     for name, result in results.items():
         for table, frame in result.tables.items():
-            frame.to_csv(folder / f"{name}_{table}.csv", index=False)
+            frame.to_csv(tables / f"{name}_{table}.csv", index=False)
         for figure_name, figure in result.figures.items():
-            figure.savefig(folder / f"{name}_{figure_name}.png", dpi=110)
+            figure.savefig(figures / f"{name}_{figure_name}.png", dpi=110)
 
 
 def _analysis_settings(config: ReportConfig) -> AnalysisSettings:
@@ -396,7 +399,7 @@ def run(config: ReportConfig) -> dict[str, pd.DataFrame]:
             _plot_roc(tables["averaged"], split, out / PLOT_FILES[split], classes)
     _plot_training(pd.read_csv(protocol / CURVES_FILE), out / "training_curves.png")
     _write_dvc_metrics(out / "metrics", tables["summary"])
-    _write_analyses(out / ANALYSES_FOLDER, results)
+    _write_analyses(out, results)
     return tables | {
         f"{name}.{table}": frame
         for name, result in results.items()

@@ -230,3 +230,72 @@ def net_benefit(
     true_positive = (treated & labels).sum(axis=1) / len(labels)
     false_positive = (treated & ~labels).sum(axis=1) / len(labels)
     return true_positive - false_positive * thresholds / (1 - thresholds)
+
+
+def weighted_auc(
+    labels: np.ndarray, positive_scores: np.ndarray, weights: np.ndarray
+) -> np.ndarray:
+    """ROC AUC under each row of case weights at once (ties count half); NaN without both classes.
+
+    With integer weights this is `roc_auc` of the cases repeated that often, so a bootstrap
+    count matrix (`pipeline.stats.bootstrap_weights`) gives every resample's AUC in one pass.
+
+    Args:
+        labels: true class of each case, 0/1 or bool, shape [N].
+        positive_scores: score of each case, shape [N].
+        weights: [R, N] non-negative weights.
+
+    Returns:
+        Shape [R].
+    """
+    positive = np.asarray(labels).astype(bool)
+    scores = np.asarray(positive_scores, dtype=float)
+    order = np.argsort(scores, kind="stable")
+    scores, positive = scores[order], positive[order]
+    weights = np.asarray(weights, dtype=float)[:, order]
+    negative_weights = weights * ~positive
+    below_or_tied = np.cumsum(negative_weights, axis=1)
+    # each run of tied scores: negatives strictly below it, and the negatives inside it
+    starts_run = np.r_[True, scores[1:] != scores[:-1]]
+    run_of = np.cumsum(starts_run) - 1
+    run_ends = np.r_[np.flatnonzero(starts_run)[1:], len(scores)] - 1
+    through_run = below_or_tied[:, run_ends][:, run_of]
+    run_starts = np.flatnonzero(starts_run)
+    before_run = (below_or_tied - negative_weights)[:, run_starts][:, run_of]
+    tied = through_run - before_run
+    wins = (weights * positive * (before_run + 0.5 * tied)).sum(axis=1)
+    total_positive = (weights * positive).sum(axis=1)
+    total_negative = negative_weights.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        auc = wins / (total_positive * total_negative)
+    return np.where((total_positive > 0) & (total_negative > 0), auc, np.nan)
+
+
+def weighted_share(hits: np.ndarray, among: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Weighted share of `hits` among the cases `among`, per row of weights; NaN if none.
+
+    E.g. sensitivity: hits = called positive, among = truly positive.
+    """
+    among = np.asarray(among, dtype=float)
+    weights = np.asarray(weights, dtype=float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = weights @ (among * np.asarray(hits, dtype=float)) / (weights @ among)
+    return np.where(weights @ among > 0, share, np.nan)
+
+
+def weighted_macro_f1(labels: np.ndarray, called: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Macro F1 of two classes per row of weights, 0 for a class never present nor called
+    (scikit-learn's zero_division=0, as `classification_metrics`)."""
+    positive = np.asarray(labels).astype(bool)
+    called = np.asarray(called).astype(bool)
+    weights = np.asarray(weights, dtype=float)
+    true_positive = weights @ (positive & called)
+    true_negative = weights @ (~positive & ~called)
+    wrong = weights @ (positive != called)
+    scores = []
+    for correct in (true_positive, true_negative):
+        denominator = 2 * correct + wrong
+        scores.append(
+            np.divide(2 * correct, denominator, out=np.zeros_like(correct), where=denominator > 0)
+        )
+    return (scores[0] + scores[1]) / 2

@@ -24,8 +24,8 @@ from fuse.evaluate import (
     trial_tests,
 )
 from fuse.schema import LEVELS
-from pipeline.metrics import roc_auc
-from pipeline.stats import bootstrap_p_value, bootstrap_values, delong_test, percentile_interval
+from pipeline.metrics import roc_auc, weighted_auc
+from pipeline.stats import bootstrap_p_value, bootstrap_weights, delong_test, percentile_interval
 
 PER_TRIAL_LEVEL = "image, per trial"
 COLUMNS = (
@@ -44,10 +44,6 @@ COLUMNS = (
     "p_value",
     "test",
 )
-
-
-def _auc_difference(labels: np.ndarray, scores: np.ndarray) -> float:
-    return roc_auc(labels, scores[:, 0]) - roc_auc(labels, scores[:, 1])
 
 
 def level_comparisons(
@@ -69,8 +65,10 @@ def level_comparisons(
             labels = joined["positive"].to_numpy(dtype=int)
             scores = joined[["score_a", "score_b"]].to_numpy()
             patients = joined["patient_id" if "patient_id" in units else "patient_id_a"]
-            differences = bootstrap_values(
-                labels, scores, patients.to_numpy(), _auc_difference, resamples, seed
+            # one weight matrix for both models: the same resampled patients (paired)
+            weights = bootstrap_weights(patients.to_numpy(), resamples, seed)
+            differences = weighted_auc(labels, scores[:, 0], weights) - weighted_auc(
+                labels, scores[:, 1], weights
             )
             low, high = percentile_interval(differences)
             if level == "image":
@@ -89,7 +87,7 @@ def level_comparisons(
                     "trials": int(min(joined["trials_a"].max(), joined["trials_b"].max())),
                     "auc_reference": roc_auc(labels, scores[:, 0]),
                     "auc_model": roc_auc(labels, scores[:, 1]),
-                    "difference": _auc_difference(labels, scores),
+                    "difference": roc_auc(labels, scores[:, 0]) - roc_auc(labels, scores[:, 1]),
                     "difference_low": low,
                     "difference_high": high,
                     "p_value": p_value,

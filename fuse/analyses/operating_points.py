@@ -12,8 +12,12 @@ import numpy as np
 import pandas as pd
 
 from fuse.analyses.base import AnalysisInputs, AnalysisResult, refit_per_head
-from pipeline.metrics import threshold_for_sensitivity, threshold_for_specificity
-from pipeline.stats import bootstrap_values, percentile_interval
+from pipeline.metrics import (
+    threshold_for_sensitivity,
+    threshold_for_specificity,
+    weighted_share,
+)
+from pipeline.stats import bootstrap_weights, percentile_interval
 
 CHOOSERS = {"sensitivity": threshold_for_sensitivity, "specificity": threshold_for_specificity}
 
@@ -77,15 +81,10 @@ def operating_table(inputs: AnalysisInputs) -> tuple[pd.DataFrame, pd.DataFrame]
                 "trials": group["trial"].nunique(),
                 **cuts[["threshold", "val_sensitivity", "val_specificity"]].mean().to_dict(),
             }
+            weights = bootstrap_weights(patients, settings.resamples, settings.seed)
             for measure, positive in (("sensitivity", True), ("specificity", False)):
-                drawn = bootstrap_values(
-                    labels,
-                    called,
-                    patients,
-                    lambda y, c, positive=positive: _rate(y, c, positive),
-                    settings.resamples,
-                    settings.seed,
-                )
+                hits = called if positive else ~called
+                drawn = weighted_share(hits, labels == int(positive), weights)
                 low, high = percentile_interval(drawn)
                 record |= {
                     measure: _rate(labels, called, positive),

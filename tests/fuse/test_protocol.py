@@ -221,7 +221,7 @@ def test_report_tables_plots_and_small_dvc_metrics(synthetic_cache, tmp_path):
     for name in listed:  # every analysis wrote its tables, and its figures where it has some
         assert list((tmp_path / "r" / "analyses").glob(f"{name}_*.csv")), name
     for figure in ("calibration_reliability_test", "decision_curve_external"):
-        assert (tmp_path / "r" / "analyses" / f"{figure}.png").stat().st_size > 10_000
+        assert (tmp_path / "r" / "plots" / f"{figure}.png").stat().st_size > 10_000
 
 
 def test_cli_runs_both_commands_and_reports_user_errors(synthetic_cache, tmp_path):
