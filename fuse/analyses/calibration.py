@@ -16,7 +16,6 @@ from collections.abc import Callable
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-from scipy.optimize import minimize
 from sklearn.calibration import calibration_curve
 from sklearn.isotonic import IsotonicRegression
 from sklearn.model_selection import GroupKFold
@@ -30,6 +29,7 @@ Calibrator = Callable[[np.ndarray], np.ndarray]
 EPSILON = 1e-6  # keeps logits of probabilities 0 and 1 finite
 CROSS_FIT_FOLDS = 5
 SLOPE_BOUNDS = (1e-2, 1e2)  # 1 / temperature
+NEWTON_STEPS = 50
 
 
 def _logit(probabilities: np.ndarray) -> np.ndarray:
@@ -38,20 +38,42 @@ def _logit(probabilities: np.ndarray) -> np.ndarray:
 
 
 def _fit_logistic(scores: np.ndarray, labels: np.ndarray, with_intercept: bool) -> Calibrator:
-    """sigmoid(a * logit(p) + b) by maximum likelihood; b = 0 is temperature scaling, T = 1/a."""
-    logits = _logit(scores)
+    """sigmoid(a * logit(p) + b) by maximum likelihood; b = 0 is temperature scaling, T = 1/a.
+
+    Newton steps with backtracking on the convex log-likelihood (one or two parameters:
+    a general-purpose optimiser costs far more per head than the fit itself).
+    """
+    design = _logit(scores)[:, None]
+    if with_intercept:
+        design = np.c_[design, np.ones(len(design))]
+    labels = np.asarray(labels, dtype=float)
 
     def negative_log_likelihood(parameters: np.ndarray) -> float:
-        z = parameters[0] * logits + (parameters[1] if with_intercept else 0.0)
-        # log(1 + e^z) - y z, written stably
-        return float(np.mean(np.logaddexp(0.0, z) - labels * z))
+        z = design @ parameters
+        return float(np.mean(np.logaddexp(0.0, z) - labels * z))  # log(1 + e^z) - y z, stably
 
-    start = np.array([1.0, 0.0]) if with_intercept else np.array([1.0])
-    # On separable validation rows the likelihood grows without bound as the slope does;
-    # the bound keeps the fit finite (temperature 0.01 to 100).
-    bounds = [SLOPE_BOUNDS, (None, None)] if with_intercept else [SLOPE_BOUNDS]
-    slope, *intercept = minimize(negative_log_likelihood, start, method="L-BFGS-B", bounds=bounds).x
-    offset = intercept[0] if intercept else 0.0
+    parameters = np.r_[1.0, 0.0][: design.shape[1]]
+    current = negative_log_likelihood(parameters)
+    for _ in range(NEWTON_STEPS):
+        predicted = 1.0 / (1.0 + np.exp(-(design @ parameters)))
+        gradient = design.T @ (predicted - labels) / len(labels)
+        hessian = (design * (predicted * (1 - predicted))[:, None]).T @ design / len(labels)
+        step = np.linalg.solve(hessian + 1e-9 * np.eye(len(parameters)), gradient)
+        size = 1.0
+        while True:
+            trial = parameters - size * step
+            # On separable validation rows the likelihood grows without bound with the slope;
+            # the bound keeps the fit finite (temperature 0.01 to 100).
+            trial[0] = np.clip(trial[0], *SLOPE_BOUNDS)
+            value = negative_log_likelihood(trial)
+            if value <= current or size < 1e-4:
+                break
+            size /= 2
+        converged = abs(current - value) < 1e-12
+        parameters, current = trial, min(value, current)
+        if converged:
+            break
+    slope, offset = parameters[0], (parameters[1] if with_intercept else 0.0)
     return lambda new: 1.0 / (1.0 + np.exp(-(slope * _logit(new) + offset)))
 
 
