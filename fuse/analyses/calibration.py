@@ -179,9 +179,12 @@ def ece_table(before: pd.DataFrame, after: pd.DataFrame, bins: int, method: str)
 
 
 def method_table(fits: pd.DataFrame) -> pd.DataFrame:
-    """Per model and head: each method's cross-fitted validation Brier score, mean over heads."""
+    """Per model and head kind: each method's cross-fitted validation Brier score (image
+    level), mean over its heads (every trial and fold)."""
     columns = ["brier_none", *(f"brier_{name}" for name in CALIBRATORS)]
-    table = fits.groupby(["model", "head"], sort=False)[columns].mean().reset_index()
+    grouped = fits.groupby(["model", "head"], sort=False)
+    table = grouped[columns].mean().reset_index()
+    table.insert(2, "heads", grouped.size().to_numpy())
     methods = table[[f"brier_{name}" for name in CALIBRATORS]]
     table["best_on_validation"] = [
         min(CALIBRATORS, key=lambda name, row=row: row[f"brier_{name}"])

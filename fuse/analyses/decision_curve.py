@@ -61,6 +61,7 @@ def at_thresholds(curve: pd.DataFrame, thresholds: tuple[float, ...]) -> pd.Data
             {"set": split, "strategy": TREAT_NONE, **dict.fromkeys(reference.index, 0.0)}
         )
     table = pd.DataFrame(records).astype({"trials": "Int64"})  # none for treat all/none
+    table.insert(0, "level", "image")
     return table.rename(columns={value: f"net benefit at {value:g}" for value in thresholds})
 
 
