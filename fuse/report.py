@@ -52,20 +52,26 @@ class ReportConfig:
 
     protocol: str = setting("", f"folder holding {PREDICTIONS_FILE} and {RUNS_FILE}")
     out: str = setting("", "folder for tables.md, tables.json, the plots and metrics/")
-    bootstrap_resamples: int = setting(1000, "patient-bootstrap resamples for the 95% CIs")
+    # no per-cent sign in help texts: argparse expands them and --help would crash
+    bootstrap_resamples: int = setting(1000, "patient-bootstrap resamples of the 95 percent CIs")
     seed: int = setting(0, "seed of the bootstrap")
     target_sensitivity: float = setting(
-        0.95, "operating point: highest cut with at least this sensitivity on validation"
+        AnalysisSettings.target_sensitivity,
+        "operating point: highest cut with at least this sensitivity on validation",
     )
     target_specificity: float = setting(
-        0.95, "operating point: lowest cut with at least this specificity on validation"
+        AnalysisSettings.target_specificity,
+        "operating point: lowest cut with at least this specificity on validation",
     )
     calibration: str = setting(
-        "temperature", f"recalibration fitted on each head's validation rows: {list(CALIBRATORS)}"
+        AnalysisSettings.calibration,
+        f"recalibration fitted on each head's validation rows: {list(CALIBRATORS)}",
     )
-    calibration_bins: int = setting(10, "equal-width probability bins of the ECE and diagrams")
+    calibration_bins: int = setting(
+        AnalysisSettings.calibration_bins, "equal-width probability bins of the ECE and diagrams"
+    )
     decision_thresholds: tuple[float, ...] = setting(
-        (0.05, 0.1, 0.2, 0.3, 0.5), "threshold probabilities of the decision-curve table"
+        AnalysisSettings.decision_thresholds, "threshold probabilities of the decision-curve table"
     )
 
 

@@ -2,6 +2,9 @@
 
 import json
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -80,3 +83,15 @@ def test_a_damaged_predictions_table_is_one_user_error(tmp_path):
                 protocol=str(protocol), out=str(tmp_path / "r"), calibration="bogus"
             )
         )
+
+
+def test_report_help_lists_the_analysis_settings():
+    shown = subprocess.run(
+        [sys.executable, "-m", "fuse", "report", "--help"],
+        cwd=Path(__file__).parents[2],
+        capture_output=True,
+        text=True,
+    )
+    assert shown.returncode == 0, shown.stderr
+    for flag in ("--target-sensitivity", "--calibration", "--decision-thresholds"):
+        assert flag in shown.stdout
