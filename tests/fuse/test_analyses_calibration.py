@@ -3,6 +3,7 @@
 import numpy as np
 import pandas as pd
 import pytest
+from scipy.optimize import minimize
 from synthetic_predictions import CLASSES, head_rows, runs_record
 
 from fuse.analyses import AnalysisInputs, AnalysisSettings, calibration
@@ -56,3 +57,27 @@ def test_ece_uses_equal_width_bins():
     labels = np.array([0, 1, 1, 1])
     scores = np.array([0.2, 0.3 - 1e-9, 0.95, 0.95])
     assert expected_calibration_error(labels, scores, bins=10) == pytest.approx(0.15)
+
+
+@pytest.mark.parametrize("with_intercept", [False, True])
+def test_logistic_fits_reach_the_likelihood_optimum_of_a_far_off_head(with_intercept):
+    # logits twenty times too large and shifted: full Newton steps from (1, 0) overshoot
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 300).astype(float)
+    scores = 1 / (1 + np.exp(-20 * (rng.normal(0, 1, 300) + 0.6 * labels - 0.3) + 3))
+    logits = calibration._logit(scores)
+    design = np.c_[logits, np.ones(300)] if with_intercept else logits[:, None]
+
+    def negative_log_likelihood(parameters):
+        z = design @ parameters
+        return np.mean(np.logaddexp(0, z) - labels * z)
+
+    bounds = [calibration.SLOPE_BOUNDS] + ([(None, None)] if with_intercept else [])
+    best = minimize(
+        negative_log_likelihood, np.ones(design.shape[1]), method="L-BFGS-B", bounds=bounds
+    ).x
+    fit = calibration.fit_platt if with_intercept else calibration.fit_temperature
+    probe = np.array([0.1, 0.5, 0.9])
+    probe_design = np.c_[calibration._logit(probe), np.ones(3)][:, : design.shape[1]]
+    expected = 1 / (1 + np.exp(-(probe_design @ best)))
+    np.testing.assert_allclose(fit(scores, labels)(probe), expected, atol=1e-4)

@@ -83,3 +83,18 @@ def test_no_flag_when_every_level_agrees():
     )
     notes = comparisons.analyse(inputs).notes
     assert not any(note.startswith("Order changes") for note in notes)
+
+
+def test_the_difference_ci_is_paired_on_the_same_resampled_patients():
+    # M1 = M4 plus a small shift per patient: the AUCs move together from one resample to
+    # the next, so the paired CI of their difference is far narrower than either AUC's spread
+    table = _disagreeing_table()
+    m4 = table[table["model"] == "M1"].assign(model="M4")  # patient means spread out
+    shift = np.random.default_rng(1).normal(0, 0.01, m4["patient_id"].nunique())
+    code = m4["patient_id"].astype("category").cat.codes.to_numpy()
+    m1 = m4.assign(model="M1", prob_GC=(m4["prob_GC"] + shift[code]).astype(np.float32))
+    inputs = AnalysisInputs(
+        pd.concat([m4, m1]), runs_record(["M4", "M1"]), CLASSES, AnalysisSettings(resamples=300)
+    )
+    row = comparisons.analyse(inputs).tables["auc"].set_index("level").loc["patient"]
+    assert row["difference_high"] - row["difference_low"] < 0.1
