@@ -1,9 +1,11 @@
-"""`python -m fuse report`: the paper's tables, ROC curves and training curves from the
-predictions table, with no training.
+"""`python -m fuse report`: the paper's tables, ROC curves, training curves and every
+analysis of fuse.analyses from the predictions table, with no training.
 
-Writes tables.md (laid out like the paper's Tables 2, 3 and 4) with tables.json beside it,
-roc_internal.png and roc_external.png (every model on one plot per set),
-training_curves.png, and one small JSON per model under metrics/ for `dvc metrics show`.
+Writes tables.md (laid out like the paper's Tables 2, 3 and 4, then one section per
+analysis) with tables.json beside it, roc_internal.png and roc_external.png (every model on
+one plot per set), training_curves.png, one small JSON per model under metrics/ for
+`dvc metrics show`, one CSV per analysis table under analyses/ and one PNG per analysis
+figure under plots/ (<analysis>_<name>.csv, <analysis>_<name>.png).
 """
 
 from __future__ import annotations
@@ -19,18 +21,29 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure  # not pyplot: no global state, no display needed
 
+from fuse.analyses import ANALYSES, AnalysisInputs, AnalysisResult, AnalysisSettings
+from fuse.analyses.base import SET_TITLES, trial_counts
+from fuse.analyses.calibration import CALIBRATORS
 from fuse.evaluate import OPERATING_POINTS, REFERENCE_MODEL, evaluate
-from fuse.schema import CURVES_FILE, PREDICTIONS_FILE, RUNS_FILE
+from fuse.schema import (
+    CURVES_FILE,
+    PREDICTIONS_FILE,
+    RUNS_FILE,
+    classes_of,
+    read_predictions,
+    read_runs,
+)
 from fuse.zoo import FROZEN_NOTE
 from pipeline.config import require_paths, setting
 from pipeline.errors import UserError
 from pipeline.metrics import roc_auc, roc_points
 from pipeline.stats import format_mean_sd
 
-SET_TITLES = {"test": "internal test set", "external": "external test set"}
 PLOT_FILES = {"test": "roc_internal.png", "external": "roc_external.png"}
 TABLE_METRICS = ("accuracy", "precision", "recall", "f1", "auc", "sensitivity", "specificity")
 DVC_METRICS = ("auc", "accuracy")
+ANALYSES_FOLDER = "analyses"  # one CSV per analysis table
+FIGURES_FOLDER = "plots"  # one PNG per analysis figure (a dvc plots folder)
 
 
 @dataclass(frozen=True)
@@ -39,8 +52,27 @@ class ReportConfig:
 
     protocol: str = setting("", f"folder holding {PREDICTIONS_FILE} and {RUNS_FILE}")
     out: str = setting("", "folder for tables.md, tables.json, the plots and metrics/")
-    bootstrap_resamples: int = setting(1000, "patient-bootstrap resamples for the 95% CIs")
+    # no per-cent sign in help texts: argparse expands them and --help would crash
+    bootstrap_resamples: int = setting(1000, "patient-bootstrap resamples of the 95 percent CIs")
     seed: int = setting(0, "seed of the bootstrap")
+    target_sensitivity: float = setting(
+        AnalysisSettings.target_sensitivity,
+        "operating point: highest cut with at least this sensitivity on validation",
+    )
+    target_specificity: float = setting(
+        AnalysisSettings.target_specificity,
+        "operating point: lowest cut with at least this specificity on validation",
+    )
+    calibration: str = setting(
+        AnalysisSettings.calibration,
+        f"recalibration fitted on each head's validation rows: {list(CALIBRATORS)}",
+    )
+    calibration_bins: int = setting(
+        AnalysisSettings.calibration_bins, "equal-width probability bins of the ECE and diagrams"
+    )
+    decision_thresholds: tuple[float, ...] = setting(
+        AnalysisSettings.decision_thresholds, "threshold probabilities of the decision-curve table"
+    )
 
 
 def _json_safe(value: Any) -> Any:
@@ -49,6 +81,8 @@ def _json_safe(value: Any) -> Any:
         return {str(key): _json_safe(item) for key, item in value.items()}
     if isinstance(value, list | tuple):
         return [_json_safe(item) for item in value]
+    if value is pd.NA:  # a missing count in a nullable integer column
+        return None
     if isinstance(value, float | np.floating):
         return None if math.isnan(value) else float(value)
     if isinstance(value, np.integer):
@@ -86,20 +120,30 @@ def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> lis
 def _results_table(
     tables: Mapping[str, pd.DataFrame], models: Sequence[str], split: str, point: str, classes
 ) -> list[str]:
-    summary, ci, compared = tables["summary"], tables["ci"], tables["comparisons"]
+    summary, ci, tested = tables["summary"], tables["ci"], tables["trial_tests"]
     metrics = [*TABLE_METRICS[:5], *(f"recall_{name}" for name in classes), *TABLE_METRICS[5:]]
-    header = ["model", *metrics, "AUC 95% CI", f"p DeLong vs {REFERENCE_MODEL}", "p trials"]
+    header = [
+        "model",
+        "trials",
+        *metrics,
+        "AUC 95% CI",
+        f"p vs {REFERENCE_MODEL} (paired t, per-trial image AUCs)",
+    ]
     rows = []
     for model in models:
+        chosen = (summary["model"] == model) & (summary["head"] == "head")
+        trials = summary.loc[chosen & (summary["set"] == split), "trials"]
         auc_ci = ci[(ci["model"] == model) & (ci["head"] == "head") & (ci["set"] == split)]
         auc_ci = auc_ci[auc_ci["metric"] == "auc"]
-        against = compared[(compared["model"] == model) & (compared["set"] == split)]
+        against = tested[
+            (tested["model"] == model) & (tested["set"] == split) & (tested["head"] == "head")
+        ]
         rows.append(
             [
                 model,
+                str(int(trials.iloc[0])) if len(trials) else "–",
                 *(_cell(summary, model, "head", split, f"{metric}@{point}") for metric in metrics),
                 f"{auc_ci['low'].iloc[0]:.3f}–{auc_ci['high'].iloc[0]:.3f}" if len(auc_ci) else "–",
-                _p(against["delong_p"].iloc[0]) if len(against) else "–",
                 _p(against["paired_t_p"].iloc[0]) if len(against) else "–",
             ]
         )
@@ -122,7 +166,47 @@ def _probe_table(summary: pd.DataFrame, models: Sequence[str], sets: Sequence[st
     return _markdown_table(header, rows)
 
 
-def _markdown(tables: Mapping[str, pd.DataFrame], runs: Mapping[str, Any], classes) -> str:
+def _format_value(column: str, value: Any) -> str:
+    if value is pd.NA or value is None:
+        return "–"
+    if isinstance(value, float | np.floating):
+        if math.isnan(value):
+            return "–"
+        if column == "p_value" or column.endswith("_p"):
+            return _p(float(value))
+        return f"{value:.3f}"
+    return str(value)
+
+
+def frame_markdown(frame: pd.DataFrame) -> list[str]:
+    """A table as markdown lines: floats to 3 decimals, p-values as the tables print them,
+    NaN as "–"."""
+    return _markdown_table(
+        [str(column) for column in frame.columns],
+        [
+            [_format_value(str(column), value) for column, value in row.items()]
+            for _, row in frame.iterrows()
+        ],
+    )
+
+
+def _analysis_markdown(name: str, result: AnalysisResult) -> list[str]:
+    lines = [f"## {result.title}", "", *(f"{note}\n" for note in result.notes)]
+    shown = result.shown if result.shown is not None else tuple(result.tables)
+    for table in shown:
+        lines += [f"{name}: {table} ({ANALYSES_FOLDER}/{name}_{table}.csv)", ""]
+        lines += frame_markdown(result.tables[table]) + [""]
+    for figure in result.figures:
+        lines += [f"![{name} {figure}]({FIGURES_FOLDER}/{name}_{figure}.png)", ""]
+    return lines
+
+
+def _markdown(
+    tables: Mapping[str, pd.DataFrame],
+    results: Mapping[str, AnalysisResult],
+    runs: Mapping[str, Any],
+    classes,
+) -> str:
     settings = runs["settings"]
     models = list(runs["models"])
     roles = {name: spec["role"] for name, spec in runs["models"].items()}
@@ -131,15 +215,17 @@ def _markdown(tables: Mapping[str, pd.DataFrame], runs: Mapping[str, Any], class
         m for m in models if roles[m] == "proposed"
     ]
     ablation = sorted(m for m in models if roles[m] in ("ablation", "proposed"))
-    trials = tables["per_trial"]["trial"].nunique()
     lines = [
         "# Results",
         "",
-        f"{FROZEN_NOTE} Every number is the mean (SD) over {trials} trial(s) "
-        f"(split mode {settings['split']}, first seed {settings['seed']}); "
-        "CIs are 95% patient-bootstrap intervals of the trial-averaged scores; DeLong compares "
-        f"patient-level scores with {REFERENCE_MODEL} on the same patients; 'p trials' is a "
-        "paired t-test over the trials' AUCs. Metrics use the 0.5 cut unless the table says "
+        f"{FROZEN_NOTE} Every number is the mean (SD) over the trials of its model, counted "
+        f"from the predictions table (trained heads: {trial_counts(tables['pooled'])}; each "
+        "table's 'trials' column gives its own), split mode "
+        f"{settings['split']}, first seed {settings['seed']}. Tables 2-4 are at image level: "
+        "CIs are 95% patient-bootstrap intervals of the trial-averaged image scores, and their "
+        f"p-value is a paired t-test of the per-trial image AUCs against {REFERENCE_MODEL}, "
+        "the values the AUC column averages; exam- and patient-level numbers and their own "
+        "tests are in the sections after them. Metrics use the 0.5 cut unless the table says "
         "otherwise."
         + (
             " External rows are centred per site on the training rows' mean (their own "
@@ -147,6 +233,8 @@ def _markdown(tables: Mapping[str, pd.DataFrame], runs: Mapping[str, Any], class
             if settings.get("centre_external") and "external" in sets
             else ""
         ),
+        "",
+        "Analyses run: " + ", ".join(results) + ".",
         "",
     ]
     numbered = [
@@ -158,11 +246,11 @@ def _markdown(tables: Mapping[str, pd.DataFrame], runs: Mapping[str, Any], class
         if split not in sets or not chosen:
             continue
         kind = "ablation" if title == "Table 4" else "baselines"
-        lines += [f"## {title}: {kind}, {SET_TITLES[split]}", ""]
+        lines += [f"## {title}: {kind}, {SET_TITLES[split]} (image level)", ""]
         lines += _results_table(tables, chosen, split, "0.5", classes) + [""]
     for split in sets:
         lines += [
-            f"## All models at the validation-chosen threshold, {SET_TITLES[split]}",
+            f"## All models at the validation-chosen threshold, {SET_TITLES[split]} (image level)",
             "",
             f"{OPERATING_POINTS['val']}.",
             "",
@@ -171,43 +259,8 @@ def _markdown(tables: Mapping[str, pd.DataFrame], runs: Mapping[str, Any], class
     if (tables["summary"]["head"] == "probe").any():
         lines += ["## Heads beside logistic-regression probes on the same vectors", ""]
         lines += _probe_table(tables["summary"], models, sets) + [""]
-    kept = pd.DataFrame(runs["runs"])
-    kept = kept[kept["head"] == "head"]
-    lines += [
-        "## Training",
-        "",
-        f"Selection: {settings['selection']} after "
-        f"{settings['warmup_epochs']} warm-up epochs, of {settings['epochs']}.",
-        "",
-    ]
-    per_trial = tables["per_trial"]
-    one_class = per_trial[(per_trial["head"] == "head") & (per_trial["predicted_classes@0.5"] < 2)]
-    one_class_sets = [split for split in SET_TITLES if split in sets]
-    lines += _markdown_table(
-        [
-            "model",
-            "learning rate",
-            "kept epochs",
-            "heads that fell back to the last epoch",
-            *(
-                f"trials with one class for every {split} pair (0.5 cut)"
-                for split in one_class_sets
-            ),
-        ],
-        [
-            [
-                model,
-                f"{rows['learning_rate'].iloc[0]:g}",
-                ", ".join(str(int(epoch)) for epoch in rows["best_epoch"]),
-                str(int(rows["fallback_to_last_epoch"].sum())),
-                *(
-                    str(int(((one_class["model"] == model) & (one_class["set"] == split)).sum()))
-                    for split in one_class_sets
-                ),
-            ]
-            for model, rows in kept.groupby("model", sort=False)
-        ],
-    )
+    for name, result in results.items():
+        lines += _analysis_markdown(name, result)
     return "\n".join(lines) + "\n"
 
 
@@ -274,21 +327,54 @@ def _write_dvc_metrics(folder: Path, summary: pd.DataFrame) -> None:
         _write_json(folder / f"{model}.json", values)
 
 
-def run(config: ReportConfig) -> dict[str, pd.DataFrame]:
-    """Compute every table from the protocol's predictions and write the report."""
-    require_paths(config, "protocol", "out")
-    protocol = Path(config.protocol)
-    if not (protocol / PREDICTIONS_FILE).is_file():
+def _write_analyses(out: Path, results: Mapping[str, AnalysisResult]) -> None:
+    tables, figures = out / ANALYSES_FOLDER, out / FIGURES_FOLDER
+    for folder, suffix in ((tables, "csv"), (figures, "png")):
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.glob(f"*.{suffix}"):
+            stale.unlink()
+    for name, result in results.items():
+        for table, frame in result.tables.items():
+            frame.to_csv(tables / f"{name}_{table}.csv", index=False)
+        for figure_name, figure in result.figures.items():
+            figure.savefig(figures / f"{name}_{figure_name}.png", dpi=110)
+
+
+def _analysis_settings(config: ReportConfig) -> AnalysisSettings:
+    if config.calibration not in CALIBRATORS:
         raise UserError(
-            f"{protocol / PREDICTIONS_FILE} does not exist; run `python -m fuse protocol` first"
+            f"calibration {config.calibration!r} is not one of {list(CALIBRATORS)}; "
+            "set fuse_report.calibration in params.yaml or --calibration"
         )
-    predictions = pd.read_parquet(protocol / PREDICTIONS_FILE)
-    runs = json.loads((protocol / RUNS_FILE).read_text(encoding="utf-8"))
-    classes = tuple(runs["settings"]["classes"])
+    return AnalysisSettings(
+        resamples=config.bootstrap_resamples,
+        seed=config.seed,
+        target_sensitivity=config.target_sensitivity,
+        target_specificity=config.target_specificity,
+        calibration=config.calibration,
+        calibration_bins=config.calibration_bins,
+        decision_thresholds=tuple(config.decision_thresholds),
+    )
+
+
+def run(config: ReportConfig) -> dict[str, pd.DataFrame]:
+    """Compute every table from the protocol's predictions, run every analysis, write it all.
+
+    Returns:
+        The evaluation's tables by name, and each analysis table as "<analysis>.<table>".
+    """
+    require_paths(config, "protocol", "out")
+    settings = _analysis_settings(config)
+    protocol = Path(config.protocol)
+    runs = read_runs(protocol)
+    classes = classes_of(runs)
+    predictions = read_predictions(protocol, classes)
     tables = evaluate(predictions, classes, config.bootstrap_resamples, config.seed)
+    inputs = AnalysisInputs(predictions, runs, classes, settings)
+    results = {name: analyse(inputs) for name, analyse in ANALYSES.items()}
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "tables.md").write_text(_markdown(tables, runs, classes), encoding="utf-8")
+    (out / "tables.md").write_text(_markdown(tables, results, runs, classes), encoding="utf-8")
     _write_json(
         out / "tables.json",
         {
@@ -298,7 +384,19 @@ def run(config: ReportConfig) -> dict[str, pd.DataFrame]:
             **{
                 name: table.to_dict(orient="records")
                 for name, table in tables.items()
-                if name != "averaged"
+                if name not in ("averaged", "pooled")
+            },
+            "analyses_run": list(results),
+            "analyses": {
+                name: {
+                    "title": result.title,
+                    "notes": result.notes,
+                    **{
+                        table: frame.to_dict(orient="records")
+                        for table, frame in result.tables.items()
+                    },
+                }
+                for name, result in results.items()
             },
         },
     )
@@ -307,4 +405,9 @@ def run(config: ReportConfig) -> dict[str, pd.DataFrame]:
             _plot_roc(tables["averaged"], split, out / PLOT_FILES[split], classes)
     _plot_training(pd.read_csv(protocol / CURVES_FILE), out / "training_curves.png")
     _write_dvc_metrics(out / "metrics", tables["summary"])
-    return tables
+    _write_analyses(out, results)
+    return tables | {
+        f"{name}.{table}": frame
+        for name, result in results.items()
+        for table, frame in result.tables.items()
+    }

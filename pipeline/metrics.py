@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -201,3 +202,140 @@ def roc_points(labels: np.ndarray, positive_scores: np.ndarray) -> tuple[np.ndar
     """False- and true-positive rates of the ROC curve of the positive (last) class."""
     false_positive_rate, true_positive_rate, _ = sk.roc_curve(labels, positive_scores)
     return false_positive_rate, true_positive_rate
+
+
+def threshold_for_sensitivity(
+    labels: np.ndarray, positive_scores: np.ndarray, target: float
+) -> float:
+    """The highest cut whose sensitivity on these (validation) cases is at least `target`.
+
+    Predicted positive is score >= cut, so the cut is the k-th highest positive score with
+    k = ceil(target x positives): the fewest positives called that still meet the target,
+    which leaves the most negatives below the cut. NaN without positives.
+    """
+    labels, positive_scores = np.asarray(labels), np.asarray(positive_scores, dtype=float)
+    positives = np.sort(positive_scores[labels == 1])[::-1]
+    if len(positives) == 0:
+        return float("nan")
+    needed = max(1, math.ceil(target * len(positives) - 1e-9))
+    return float(positives[needed - 1])
+
+
+def threshold_for_specificity(
+    labels: np.ndarray, positive_scores: np.ndarray, target: float
+) -> float:
+    """The lowest cut whose specificity on these (validation) cases is at least `target`.
+
+    Negatives below the cut are called negative, so the cut sits just above the k-th lowest
+    negative score with k = ceil(target x negatives). NaN without negatives.
+    """
+    labels, positive_scores = np.asarray(labels), np.asarray(positive_scores, dtype=float)
+    negatives = np.sort(positive_scores[labels == 0])
+    if len(negatives) == 0:
+        return float("nan")
+    needed = max(1, math.ceil(target * len(negatives) - 1e-9))
+    return float(np.nextafter(negatives[needed - 1], np.inf))
+
+
+def expected_calibration_error(
+    labels: np.ndarray, positive_scores: np.ndarray, bins: int = 10
+) -> float:
+    """Expected calibration error of the positive-class probability over equal-width bins.
+
+    The sum over bins of |observed positive rate - mean probability|, weighted by the bin's
+    share of cases; bins are [0, 1/bins), ..., [1 - 1/bins, 1] and empty ones count 0.
+    """
+    labels = np.asarray(labels, dtype=float)
+    positive_scores = np.asarray(positive_scores, dtype=float)
+    if len(labels) == 0:
+        return float("nan")
+    bin_of = np.clip((positive_scores * bins).astype(int), 0, bins - 1)
+    # |sum of (label - probability)| per bin over N is the bin's gap times its share
+    gap = np.bincount(bin_of, weights=labels - positive_scores, minlength=bins)
+    return float(np.abs(gap).sum() / len(labels))
+
+
+def net_benefit(
+    labels: np.ndarray, positive_scores: np.ndarray, thresholds: np.ndarray
+) -> np.ndarray:
+    """Net benefit of treating cases whose score is >= each threshold probability p.
+
+    NB(p) = TP/N - FP/N x p / (1 - p) (Vickers & Elkin 2006): a false positive costs p/(1-p)
+    true positives, the odds at which a clinician is indifferent to treating.
+    """
+    labels = np.asarray(labels, dtype=bool)
+    positive_scores = np.asarray(positive_scores, dtype=float)
+    thresholds = np.asarray(thresholds, dtype=float)
+    treated = positive_scores[None, :] >= thresholds[:, None]
+    true_positive = (treated & labels).sum(axis=1) / len(labels)
+    false_positive = (treated & ~labels).sum(axis=1) / len(labels)
+    return true_positive - false_positive * thresholds / (1 - thresholds)
+
+
+def weighted_auc(
+    labels: np.ndarray, positive_scores: np.ndarray, weights: np.ndarray
+) -> np.ndarray:
+    """ROC AUC under each row of case weights at once (ties count half); NaN without both classes.
+
+    With integer weights this is `roc_auc` of the cases repeated that often, so a bootstrap
+    count matrix (`pipeline.stats.bootstrap_weights`) gives every resample's AUC in one pass.
+
+    Args:
+        labels: true class of each case, 0/1 or bool, shape [N].
+        positive_scores: score of each case, shape [N].
+        weights: [R, N] non-negative weights.
+
+    Returns:
+        Shape [R].
+    """
+    positive = np.asarray(labels).astype(bool)
+    scores = np.asarray(positive_scores, dtype=float)
+    order = np.argsort(scores, kind="stable")
+    scores, positive = scores[order], positive[order]
+    weights = np.asarray(weights, dtype=float)[:, order]
+    negative_weights = weights * ~positive
+    below_or_tied = np.cumsum(negative_weights, axis=1)
+    # each run of tied scores: negatives strictly below it, and the negatives inside it
+    starts_run = np.r_[True, scores[1:] != scores[:-1]]
+    run_of = np.cumsum(starts_run) - 1
+    run_ends = np.r_[np.flatnonzero(starts_run)[1:], len(scores)] - 1
+    through_run = below_or_tied[:, run_ends][:, run_of]
+    run_starts = np.flatnonzero(starts_run)
+    before_run = (below_or_tied - negative_weights)[:, run_starts][:, run_of]
+    tied = through_run - before_run
+    wins = (weights * positive * (before_run + 0.5 * tied)).sum(axis=1)
+    total_positive = (weights * positive).sum(axis=1)
+    total_negative = negative_weights.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        auc = wins / (total_positive * total_negative)
+    return np.where((total_positive > 0) & (total_negative > 0), auc, np.nan)
+
+
+def weighted_share(hits: np.ndarray, among: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Weighted share of `hits` among the cases `among`, per row of weights; NaN if none.
+
+    E.g. sensitivity: hits = called positive, among = truly positive.
+    """
+    among = np.asarray(among, dtype=float)
+    weights = np.asarray(weights, dtype=float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = weights @ (among * np.asarray(hits, dtype=float)) / (weights @ among)
+    return np.where(weights @ among > 0, share, np.nan)
+
+
+def weighted_macro_f1(labels: np.ndarray, called: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Macro F1 of two classes per row of weights, 0 for a class never present nor called
+    (scikit-learn's zero_division=0, as `classification_metrics`)."""
+    positive = np.asarray(labels).astype(bool)
+    called = np.asarray(called).astype(bool)
+    weights = np.asarray(weights, dtype=float)
+    true_positive = weights @ (positive & called)
+    true_negative = weights @ (~positive & ~called)
+    wrong = weights @ (positive != called)
+    scores = []
+    for correct in (true_positive, true_negative):
+        denominator = 2 * correct + wrong
+        scores.append(
+            np.divide(2 * correct, denominator, out=np.zeros_like(correct), where=denominator > 0)
+        )
+    return (scores[0] + scores[1]) / 2

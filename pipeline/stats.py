@@ -127,35 +127,33 @@ def patient_scores(table: pd.DataFrame, score_column: str) -> pd.DataFrame:
     )
 
 
-def bootstrap_ci(
+def bootstrap_values(
     labels: np.ndarray,
     positive_scores: np.ndarray,
     groups: np.ndarray,
     metric: Callable[[np.ndarray, np.ndarray], float],
     n_resamples: int = 1000,
-    confidence: float = 0.95,
     seed: int = 0,
-) -> tuple[float, float]:
-    """Percentile bootstrap confidence interval of `metric`, resampling whole groups.
+) -> np.ndarray:
+    """`metric` on each of `n_resamples` bootstrap resamples of whole groups.
 
     Each resample draws as many groups as there are, with replacement, and takes all rows of
-    every drawn group, so rows of one patient stay together. Resamples where the metric is
-    NaN (e.g. AUC of a single class) are left out.
+    every drawn group, so rows of one patient stay together. Two metrics of the same rows
+    (a paired comparison) pass `positive_scores` as [N, 2]: both columns see the same draw.
 
     Args:
         labels: true class of each row, shape [N].
-        positive_scores: score of each row, shape [N].
+        positive_scores: score(s) of each row, shape [N] or [N, k].
         groups: the unit of resampling of each row (patient_id), shape [N].
         metric: metric(labels, scores) -> float, called once per resample.
         n_resamples: number of resamples drawn.
-        confidence: coverage of the interval, in (0, 1).
-        seed: seed of the resampling; the same seed gives the same interval.
+        seed: seed of the resampling; the same seed gives the same values.
 
     Returns:
-        (low, high); both NaN when the metric is NaN on every resample.
+        Shape [n_resamples], NaN where the metric is NaN (e.g. AUC of a single class).
 
     Raises:
-        ValueError: mismatched lengths, no rows, n_resamples < 1, or confidence outside (0, 1).
+        ValueError: mismatched lengths, no rows or n_resamples < 1.
     """
     labels = np.asarray(labels)
     positive_scores = np.asarray(positive_scores)
@@ -165,10 +163,9 @@ def bootstrap_ci(
             f"labels, scores and groups differ in length: "
             f"{len(labels)}, {len(positive_scores)}, {len(groups)}"
         )
-    if len(labels) == 0 or n_resamples < 1 or not 0 < confidence < 1:
+    if len(labels) == 0 or n_resamples < 1:
         raise ValueError(
-            f"need rows, n_resamples >= 1 and 0 < confidence < 1; got {len(labels)} rows, "
-            f"n_resamples={n_resamples}, confidence={confidence}"
+            f"need rows and n_resamples >= 1; got {len(labels)} rows, n_resamples={n_resamples}"
         )
     _, group_of_row = np.unique(groups, return_inverse=True)
     rows_by_group = np.argsort(group_of_row, kind="stable")
@@ -191,6 +188,42 @@ def bootstrap_ci(
         resample_ends = np.cumsum(group_sizes[drawn].sum(axis=1))[:-1]
         for resample in np.split(rows, resample_ends):
             values.append(metric(labels[resample], positive_scores[resample]))
+    return np.asarray(values, dtype=float)
+
+
+def bootstrap_weights(groups: np.ndarray, n_resamples: int = 1000, seed: int = 0) -> np.ndarray:
+    """How often each row is taken in each of `n_resamples` resamples of whole groups.
+
+    The draws are those of `bootstrap_values` with the same seed (while its resamples fit in
+    one chunk), as a [n_resamples, N] count matrix instead of row lists: a metric written
+    over weights (`pipeline.metrics.weighted_auc`, or a matrix product for counts) then
+    takes all resamples at once, hundreds of times faster than one call per resample. Pass
+    one matrix to two models for a paired comparison.
+
+    Raises:
+        ValueError: no rows or n_resamples < 1.
+    """
+    groups = np.asarray(groups)
+    if len(groups) == 0 or n_resamples < 1:
+        raise ValueError(
+            f"need rows and n_resamples >= 1; got {len(groups)} rows, n_resamples={n_resamples}"
+        )
+    _, group_of_row = np.unique(groups, return_inverse=True)
+    n_groups = int(group_of_row.max()) + 1
+    drawn = np.random.default_rng(seed).integers(0, n_groups, size=(n_resamples, n_groups))
+    offsets = np.arange(n_resamples)[:, None] * n_groups
+    counts = np.bincount((drawn + offsets).ravel(), minlength=n_resamples * n_groups)
+    return counts.reshape(n_resamples, n_groups)[:, group_of_row].astype(np.float64)
+
+
+def percentile_interval(values: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
+    """The central `confidence` interval of bootstrap values, NaNs left out; NaN if all are.
+
+    Raises:
+        ValueError: confidence outside (0, 1).
+    """
+    if not 0 < confidence < 1:
+        raise ValueError(f"need 0 < confidence < 1; got confidence={confidence}")
     values = np.asarray(values, dtype=float)
     values = values[~np.isnan(values)]
     if len(values) == 0:
@@ -198,6 +231,43 @@ def bootstrap_ci(
     tail = (1 - confidence) / 2
     low, high = np.quantile(values, [tail, 1 - tail])
     return float(low), float(high)
+
+
+def bootstrap_p_value(differences: np.ndarray) -> float:
+    """Two-sided bootstrap p-value that a paired difference is 0, from its resampled values.
+
+    Twice the smaller share of resamples on either side of 0 (a difference of exactly 0
+    counts on both), capped at 1; NaN when every value is NaN.
+    """
+    differences = np.asarray(differences, dtype=float)
+    differences = differences[~np.isnan(differences)]
+    if len(differences) == 0:
+        return float("nan")
+    below, above = np.mean(differences <= 0), np.mean(differences >= 0)
+    return float(min(1.0, 2 * min(below, above)))
+
+
+def bootstrap_ci(
+    labels: np.ndarray,
+    positive_scores: np.ndarray,
+    groups: np.ndarray,
+    metric: Callable[[np.ndarray, np.ndarray], float],
+    n_resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile bootstrap confidence interval of `metric`, resampling whole groups.
+
+    `bootstrap_values` then `percentile_interval`: resamples where the metric is NaN are
+    left out, and both bounds are NaN when it is NaN on every resample.
+
+    Raises:
+        ValueError: mismatched lengths, no rows, n_resamples < 1, or confidence outside (0, 1).
+    """
+    if not 0 < confidence < 1:
+        raise ValueError(f"need 0 < confidence < 1; got confidence={confidence}")
+    values = bootstrap_values(labels, positive_scores, groups, metric, n_resamples, seed)
+    return percentile_interval(values, confidence)
 
 
 def paired_trials_test(values_a: np.ndarray, values_b: np.ndarray) -> float:
@@ -239,5 +309,11 @@ def mean_sd(values: np.ndarray) -> tuple[float, float]:
 
 
 def format_mean_sd(mean: float, sd: float, digits: int = 3) -> str:
-    """Mean and SD as the paper's tables print them: "0.776 (0.021)"; a NaN prints as nan."""
-    return f"{mean:.{digits}f} ({sd:.{digits}f})"
+    """Mean and SD as the paper's tables print them: "0.776 (0.021)".
+
+    A NaN mean prints as "–"; a NaN SD (one trial) as "0.776 (–)", never "(nan)".
+    """
+    if math.isnan(mean):
+        return "–"
+    spread = "–" if math.isnan(sd) else f"{sd:.{digits}f}"
+    return f"{mean:.{digits}f} ({spread})"

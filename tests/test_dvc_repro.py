@@ -46,6 +46,16 @@ def test_dvc_repro_runs_every_stage_and_writes_metrics(tmp_path):
     assert "Table 4" in (reports / "tables.md").read_text()
     for plot in ("roc_internal.png", "roc_external.png", "training_curves.png"):
         assert (reports / plot).is_file()
+    for table in (
+        "levels_summary",
+        "comparisons_auc",
+        "calibration_ece",
+        "operating_points_points",
+    ):
+        assert (reports / "analyses" / f"{table}.csv").is_file(), table
+    for figure in ("calibration_reliability", "decision_curve"):
+        for split in ("test", "external"):
+            assert (reports / "plots" / f"{figure}_{split}.png").is_file(), (figure, split)
     shown = subprocess.run(["dvc", "metrics", "show"], cwd=tmp_path, capture_output=True, text=True)
     assert shown.returncode == 0 and "M4.json" in shown.stdout, shown.stdout + shown.stderr
     again = subprocess.run(["dvc", "repro"], cwd=tmp_path, capture_output=True, text=True)

@@ -161,7 +161,8 @@ def test_report_tables_plots_and_small_dvc_metrics(synthetic_cache, tmp_path):
         )
     )
     text = (tmp_path / "r" / "tables.md").read_text()
-    assert "Table 4: ablation, internal test set" in text and "p DeLong vs M4" in text
+    assert "Table 4: ablation, internal test set (image level)" in text
+    assert "p vs M4 (paired t, per-trial image AUCs)" in text and "DeLong vs" not in text
     assert "frozen-feature heads" in text
     for name in ("roc_internal.png", "roc_external.png", "training_curves.png"):
         assert (tmp_path / "r" / name).stat().st_size > 10_000
@@ -176,8 +177,15 @@ def test_report_tables_plots_and_small_dvc_metrics(synthetic_cache, tmp_path):
         & (summary["metric"] == "auc@0.5")
     ]
     assert metrics["M4"]["test_auc"] == pytest.approx(float(m4_auc["mean"].iloc[0]))
-    compared = tables["comparisons"]
-    assert set(compared["model"]) == {"M1", "M2"} and compared["delong_p"].between(0, 1).all()
+    compared = tables["comparisons.auc"]
+    assert set(compared["model"]) == {"M1", "M2"} and compared["p_value"].between(0, 1).all()
+    assert set(compared["level"]) == {"image, per trial", "image", "exam", "patient"}
+    listed = json.loads((tmp_path / "r" / "tables.json").read_text())["analyses_run"]
+    assert f"Analyses run: {', '.join(listed)}." in text
+    for name in listed:  # every analysis wrote its tables, and its figures where it has some
+        assert list((tmp_path / "r" / "analyses").glob(f"{name}_*.csv")), name
+    for figure in ("calibration_reliability_test", "decision_curve_external"):
+        assert (tmp_path / "r" / "plots" / f"{figure}.png").stat().st_size > 10_000
 
 
 def test_cli_runs_both_commands_and_reports_user_errors(synthetic_cache, tmp_path):

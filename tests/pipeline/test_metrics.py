@@ -4,7 +4,14 @@ import numpy as np
 import pytest
 from sklearn import metrics as sk
 
-from pipeline.metrics import choose_threshold, classification_metrics, roc_auc
+from pipeline.metrics import (
+    choose_threshold,
+    classification_metrics,
+    roc_auc,
+    weighted_auc,
+    weighted_macro_f1,
+    weighted_share,
+)
 
 
 def _two_class(positive):
@@ -150,3 +157,20 @@ def test_choose_threshold_is_finite_and_one_half_for_one_class():
     assert choose_threshold(np.array([1, 1, 1]), np.array([0.2, 0.9, 0.4])) == 0.5
     # Inverted scores: no cut beats J=0, which the lowest score reaches, never +inf.
     assert choose_threshold(np.array([1, 1, 0, 0]), np.array([0.1, 0.2, 0.8, 0.9])) == 0.1
+
+
+def test_weighted_metrics_equal_the_plain_ones_on_repeated_cases():
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 2, 40)
+    scores = np.round(rng.random(40), 1)  # ties
+    weights = rng.integers(0, 4, size=(25, 40)).astype(float)
+    auc = weighted_auc(labels, scores, weights)
+    f1 = weighted_macro_f1(labels, scores >= 0.5, weights)
+    sensitivity = weighted_share(scores >= 0.5, labels == 1, weights)
+    for row, counts in enumerate(weights.astype(int)):
+        repeated = np.repeat(np.arange(40), counts)
+        y, s = labels[repeated], scores[repeated]
+        plain = classification_metrics(y, np.c_[1 - s, s], ("VCD", "GC"))
+        assert auc[row] == pytest.approx(plain["auc"], nan_ok=True)
+        assert f1[row] == pytest.approx(plain["f1"])
+        assert sensitivity[row] == pytest.approx(plain["sensitivity"])

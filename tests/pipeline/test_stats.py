@@ -7,9 +7,12 @@ import pytest
 from scipy import stats as scipy_stats
 from sklearn.metrics import roc_auc_score
 
-from pipeline.metrics import roc_auc
+from pipeline.metrics import roc_auc, weighted_auc
 from pipeline.stats import (
     bootstrap_ci,
+    bootstrap_p_value,
+    bootstrap_values,
+    bootstrap_weights,
     delong_test,
     format_mean_sd,
     mean_sd,
@@ -233,3 +236,25 @@ def test_mean_sd_and_its_format():
         mean_sd([])
     assert format_mean_sd(0.7764, 0.0213) == "0.776 (0.021)"
     assert format_mean_sd(0.7764, 0.0213, digits=2) == "0.78 (0.02)"
+    assert format_mean_sd(0.7764, sd) == "0.776 (–)"  # one trial: no "(nan)"
+    assert format_mean_sd(float("nan"), sd) == "–"
+
+
+def test_bootstrap_weights_are_the_draws_of_bootstrap_values_as_counts():
+    labels, scores, patients = _clustered(30, 3, seed=2)
+    weights = bootstrap_weights(patients, n_resamples=300, seed=4)
+    assert weights.shape == (300, len(labels))
+    # every row of a patient is counted as often as its patient is drawn; 30 drawn in all
+    for patient in np.unique(patients):
+        rows = weights[:, patients == patient]
+        assert (rows == rows[:, :1]).all()
+    np.testing.assert_array_equal(weights[:, ::3].sum(axis=1), 30)
+    by_weights = weighted_auc(labels, scores, weights)
+    by_calls = bootstrap_values(labels, scores, patients, roc_auc, n_resamples=300, seed=4)
+    np.testing.assert_allclose(by_weights, by_calls, equal_nan=True)
+
+
+def test_bootstrap_p_value_is_twice_the_smaller_tail():
+    assert bootstrap_p_value(np.r_[np.full(90, 0.1), np.full(10, -0.1)]) == pytest.approx(0.2)
+    assert bootstrap_p_value(np.full(50, 0.0)) == 1.0
+    assert math.isnan(bootstrap_p_value(np.full(5, np.nan)))
