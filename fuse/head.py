@@ -33,7 +33,11 @@ from fuse.probe import ProbeFit, fit_probe
 from fuse.train import HeadSettings, TrainedHead, predict_proba, train_head
 from fuse.zoo import ModelSpec
 from pipeline.errors import UserError
-from pipeline.metrics import choose_threshold, threshold_for_target
+from pipeline.metrics import (
+    choose_threshold,
+    threshold_for_sensitivity,
+    threshold_for_specificity,
+)
 
 HEAD_FORMAT = "vlmf-head"
 HEAD_FORMAT_VERSION = 1
@@ -205,11 +209,11 @@ class FittedHead:
         self.thresholds_ = {
             "youden": choose_threshold(val_labels, val_scores),
             "0.5": 0.5,
-            "sensitivity": threshold_for_target(
-                val_labels, val_scores, self.target_sensitivity, "sensitivity"
+            "sensitivity": threshold_for_sensitivity(
+                val_labels, val_scores, self.target_sensitivity
             ),
-            "specificity": threshold_for_target(
-                val_labels, val_scores, self.target_specificity, "specificity"
+            "specificity": threshold_for_specificity(
+                val_labels, val_scores, self.target_specificity
             ),
         }
         return self

@@ -51,7 +51,12 @@ class HeadSettings:
         "the protocol's learning_rates searches several",
     )
     weight_decay: float = setting(0.01, "AdamW weight decay")
-    warmup_epochs: int = setting(5, "epochs of linear warm-up before the cosine decay")
+    warmup_epochs: int = setting(
+        1,
+        "epochs of linear warm-up before the cosine decay; selection skips them, so a "
+        "longer warm-up on a head that overfits within a few epochs keeps its first "
+        "eligible epoch (see README)",
+    )
     epochs: int = setting(80, "training epochs (at most, with patience)")
     patience: int = setting(
         20,

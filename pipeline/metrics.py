@@ -132,46 +132,6 @@ def choose_threshold(labels: np.ndarray, positive_scores: np.ndarray) -> float:
     return float(thresholds[closest])
 
 
-def threshold_for_target(
-    labels: np.ndarray, positive_scores: np.ndarray, target: float, rate: str
-) -> float:
-    """The cut on the positive score that reaches `target` sensitivity or specificity on
-    these (validation) cases, and is otherwise as good as it can be.
-
-    For "sensitivity" the highest cut whose sensitivity is at least `target` (so the
-    specificity is the best that target allows); for "specificity" the lowest cut whose
-    specificity is at least `target`. A case is positive when its score is >= the cut.
-
-    Returns:
-        A finite threshold, one of the scores (0.5 when only one class is present).
-
-    Raises:
-        ValueError: `rate` is neither "sensitivity" nor "specificity", or `target` is
-            outside (0, 1].
-    """
-    if rate not in ("sensitivity", "specificity") or not 0 < target <= 1:
-        raise ValueError(
-            f"need rate sensitivity|specificity and 0 < target <= 1; got {rate}, {target}"
-        )
-    labels = np.asarray(labels)
-    scores = np.asarray(positive_scores, dtype=float)
-    present = np.unique(labels)
-    if len(present) < 2:
-        return DEFAULT_THRESHOLD
-    positive = labels == present[-1]
-    cuts = np.unique(scores)  # ascending; every distinct cut gives a distinct split
-    if rate == "sensitivity":
-        # positives at or above each cut, as a share: falls as the cut rises
-        reached = np.searchsorted(np.sort(scores[positive]), cuts, side="left")
-        sensitivity = 1 - reached / positive.sum()
-        return float(cuts[np.flatnonzero(sensitivity >= target - 1e-12)[-1]])
-    below = np.searchsorted(np.sort(scores[~positive]), cuts, side="left")
-    specificity = below / (~positive).sum()
-    meets = np.flatnonzero(specificity >= target - 1e-12)
-    # no score keeps enough negatives below it: cut above every score
-    return float(cuts[meets[0]]) if len(meets) else float(np.nextafter(cuts[-1], np.inf))
-
-
 def roc_auc(labels: np.ndarray, positive_scores: np.ndarray) -> float:
     """Area under the ROC curve of the positive (last) class; NaN if only one class is present.
 
