@@ -14,7 +14,7 @@ Layout of format version 1:
 
 `skipped` came after the first files of version 1; readers treat its absence as "nothing
 skipped", so the version stays 1. A file is written as NAME.partial in the same folder,
-fsynced and renamed last (cache.atomic), so a crash never leaves a file that looks complete
+fsynced and renamed last (pipeline.atomic), so a crash never leaves a file that looks complete
 but is not. Writing is deterministic (no timestamps), so equal content gives equal bytes.
 """
 
@@ -29,7 +29,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from cache.atomic import write_atomically
+from cache.hdf5 import write_hdf5_atomically
 from pipeline.errors import UserError
 
 FORMAT_NAME = "vlmf-features"
@@ -103,26 +103,27 @@ def write_features(path: str | Path, features: FeatureSet) -> Path:
         UserError: the disk is full or the write fails otherwise; `path` is unchanged.
     """
 
-    def write(partial: Path) -> None:
-        with h5py.File(partial, "w") as handle:
-            handle.attrs["format"] = FORMAT_NAME
-            handle.attrs["format_version"] = FORMAT_VERSION
-            handle.attrs["complete"] = False
-            group = handle.create_group("features")
-            group.attrs["provenance"] = json.dumps(dict(features.provenance), ensure_ascii=False)
-            _write_texts(group, "keys", features.keys)
-            group.create_dataset("vectors", data=features.vectors, track_times=False)
-            for group_name, column, table in (
-                ("sources", "key", features.sources),
-                ("skipped", "reason", features.skipped),
-            ):
-                if table:
-                    columns = handle.create_group(group_name)
-                    _write_texts(columns, "name", list(table))
-                    _write_texts(columns, column, list(table.values()))
-            handle.attrs["complete"] = True
+    def fill(handle: h5py.File) -> None:
+        handle.attrs["format"] = FORMAT_NAME
+        handle.attrs["format_version"] = FORMAT_VERSION
+        handle.attrs["complete"] = False
+        group = handle.create_group("features")
+        group.attrs["provenance"] = json.dumps(dict(features.provenance), ensure_ascii=False)
+        _write_texts(group, "keys", features.keys)
+        group.create_dataset("vectors", data=features.vectors, track_times=False)
+        for group_name, column, table in (
+            ("sources", "key", features.sources),
+            ("skipped", "reason", features.skipped),
+        ):
+            if table:
+                columns = handle.create_group(group_name)
+                _write_texts(columns, "name", list(table))
+                _write_texts(columns, column, list(table.values()))
+        handle.attrs["complete"] = True
 
-    return write_atomically(Path(path), write, hook_point="consolidate")
+    return write_hdf5_atomically(
+        Path(path), fill, hook_point="consolidate", kept=", finished batches are kept"
+    )
 
 
 def _open_checked(path: Path) -> h5py.File:

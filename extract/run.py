@@ -32,9 +32,6 @@ from accelerate.utils import gather_object, parse_flag_from_env
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from cache import fault_hook
-from cache.atomic import PARTIAL_SUFFIX
-from cache.lock import output_lock
 from cache.parts import Batch, Parts
 from cache.store import FeatureSet, check_finite, read_features, write_features
 from extract.batching import padding_share, plan_batches
@@ -43,9 +40,12 @@ from extract.loaders import load_encoder
 from extract.preprocess import ImageFiles, ImageTextPairs, image_transform
 from extract.registry import LOADERS, EncoderSpec, Registry, load_registry
 from extract.screening import check_image, screen_report
+from pipeline import fault_hook
+from pipeline.atomic import PARTIAL_SUFFIX
 from pipeline.config import config_to_dict, require_paths, setting
 from pipeline.errors import UserError
 from pipeline.keys import KEY_SCHEMES, file_key, normalise_text, pair_key, text_key
+from pipeline.lock import output_lock
 from pipeline.manifest import image_file, load_manifest
 
 RECORDED_PACKAGES = ("torch", "transformers", "accelerate", "tokenizers", "numpy", "h5py")
@@ -518,7 +518,7 @@ def run(config: ExtractConfig) -> Path:
     Resumable: finished batches are saved as parts (cache.parts) and a rerun of the same
     command encodes only the rest; vectors of the existing output are reused when their
     encoder identity matches; an output that already holds everything is left as it is.
-    One run at a time writes an output (cache.lock). Under `accelerate launch` each
+    One run at a time writes an output (pipeline.lock). Under `accelerate launch` each
     process encodes its share of the batches into its own parts and the main process
     writes the file.
 

@@ -51,8 +51,11 @@ def test_crash_while_writing_leaves_no_complete_looking_file(tmp_path, monkeypat
     with pytest.raises(RuntimeError):
         write_features(target, example())
     assert target.read_bytes() == before  # the old complete file is untouched
+    assert not (tmp_path / "f.h5.partial").exists()  # built in memory: nothing half-written
+    with h5py.File(target, "a") as handle:  # as a writer that stopped before marking it
+        handle.attrs["complete"] = False
     with pytest.raises(UserError, match="not completely written"):
-        read_features(tmp_path / "f.h5.partial")
+        read_features(target)
 
 
 def test_newer_format_version_says_upgrade(tmp_path):
