@@ -13,7 +13,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -115,8 +115,14 @@ def recover_folder(out: Path) -> None:
 
 
 @contextmanager
-def atomic_folder(out: Path) -> Iterator[Path]:
+def atomic_folder(out: Path, owned: Collection[str] = ()) -> Iterator[Path]:
     """Yield an empty staging folder to write the whole of `out` into; swap it in at the end.
+
+    Args:
+        out: the output folder.
+        owned: the names a previous run of this writer leaves in `out`; an existing `out`
+            holding anything else (say, --out . by mistake) is refused, not replaced.
+            Empty: any existing `out` is replaced.
 
     On success the staging folder (`<out>.partial`) becomes `out` and the old `out` is
     deleted; on any exception the staging folder is deleted and `out` is left as it was.
@@ -125,10 +131,18 @@ def atomic_folder(out: Path) -> Iterator[Path]:
     back (recover_folder). Hold the output's lock (pipeline.lock) around it.
 
     Raises:
-        UserError: `out` is a file, or a write or rename fails with an OSError.
+        UserError: `out` is a file or holds what this writer did not write, or a write or
+            rename fails with an OSError.
     """
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} is a file; give a folder (it is created if absent)")
+    foreign = sorted(set(os.listdir(out)) - set(owned)) if owned and out.is_dir() else []
+    if foreign:
+        raise UserError(
+            f"{out} holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}, which "
+            "this command did not write, and would be replaced as a whole: give a new or "
+            "empty folder"
+        )
     staging = partial_path(out)
     previous = out.with_name(out.name + PREVIOUS_SUFFIX)
     try:

@@ -1,14 +1,13 @@
 """The demo stage: write synthetic laryngoscopy images, reports and their manifest.
 
 Output folder layout: `images/*.png`, `manifest.csv` (one row per image-report pair, image
-paths relative to the folder) and `demo_config.yaml` (the resolved settings). The manifest
-is written last, through a `.partial` file renamed into place, so a folder whose
-manifest.csv exists holds every image it names.
+paths relative to the folder) and `demo_config.yaml` (the resolved settings). The folder
+is written whole as `OUT.partial` and renamed into place (pipeline.atomic), under the
+lock `OUT.lock`, so a folder at OUT is always one complete demo.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from multiprocessing import Pool
 from pathlib import Path
@@ -16,15 +15,18 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
+from pipeline.atomic import atomic_folder
 from pipeline.config import require_paths, save_config, setting
 from pipeline.demo.patients import EXTERNAL_SITE, INTERNAL_SITE, Patient, plan_site
 from pipeline.demo.reports import write_report
 from pipeline.demo.scenes import render_images
 from pipeline.errors import UserError
+from pipeline.lock import output_lock
 
 MANIFEST_NAME = "manifest.csv"
 IMAGES_FOLDER = "images"
 CONFIG_NAME = "demo_config.yaml"
+OUTPUT_NAMES = (IMAGES_FOLDER, MANIFEST_NAME, CONFIG_NAME)
 MANIFEST_COLUMNS = (
     "image_path",
     "report_text",
@@ -54,6 +56,9 @@ class DemoConfig:
         14, "mean images per internal exam (at least 3 each); the external site takes fewer"
     )
     seed: int = setting(0, "random seed (0 or more); the same seed gives byte-identical files")
+    wait_for_lock: float = setting(
+        0, "seconds to wait while another run writes the same --out (0: refuse at once)"
+    )
 
 
 def _check(config: DemoConfig) -> None:
@@ -105,12 +110,6 @@ def _manifest_rows(patients: list[Patient]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS))
 
 
-def _write_manifest(table: pd.DataFrame, path: Path) -> None:
-    partial = path.with_name(path.name + ".partial")
-    table.to_csv(partial, index=False, encoding="utf-8", lineterminator="\n")
-    os.replace(partial, path)
-
-
 def run(config: DemoConfig) -> Path:
     """Generate the demo data set described by `config`.
 
@@ -118,14 +117,18 @@ def run(config: DemoConfig) -> Path:
         The path of the written manifest.csv.
 
     Raises:
-        UserError: no output folder (or a file in its place), or counts out of range.
+        UserError: no output folder (or a file in its place, or a folder holding other
+            files), counts out of range, or another run writing the same folder.
     """
     _check(config)
     out = Path(config.out)
-    manifest_path = out / MANIFEST_NAME
-    # An old manifest must not survive next to images this run is replacing.
-    manifest_path.unlink(missing_ok=True)
-    (out / IMAGES_FOLDER).mkdir(parents=True, exist_ok=True)
+    with output_lock(out, config.wait_for_lock), atomic_folder(out, OUTPUT_NAMES) as staging:
+        _generate(config, staging)
+    return out / MANIFEST_NAME
+
+
+def _generate(config: DemoConfig, out: Path) -> None:
+    (out / IMAGES_FOLDER).mkdir()
     patients = plan_site(INTERNAL_SITE, config.patients, config.images_per_report, config.seed)
     patients += plan_site(
         EXTERNAL_SITE, config.external_patients, config.images_per_report, config.seed
@@ -141,5 +144,4 @@ def run(config: DemoConfig) -> Path:
         for rendered in pool.imap_unordered(_render_patient, jobs, chunksize=4):
             progress.update(rendered)
     save_config(config, out / CONFIG_NAME)
-    _write_manifest(table, manifest_path)
-    return manifest_path
+    table.to_csv(out / MANIFEST_NAME, index=False, encoding="utf-8", lineterminator="\n")
