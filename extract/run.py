@@ -104,7 +104,7 @@ class ExtractConfig:
         "registered pooling) or one its loader offers: "
         + "; ".join(f"{name} {'|'.join(loader.poolings)}" for name, loader in LOADERS.items()),
     )
-    batch_size: int = setting(32, "images or reports per forward pass, per process")
+    batch_size: int = setting(32, "images or reports per forward pass, per process", at_least=1)
     device: str = setting(
         "auto", "auto (this process's GPU if there is one, else cpu), cpu, cuda or cuda:N"
     )
@@ -117,11 +117,18 @@ class ExtractConfig:
         2,
         "processes decoding images while the encoder runs (0: decode inline, which can be "
         "as fast on a machine with 2 cores)",
+        at_least=0,
     )
     wait_for_lock: float = setting(
         0,
         "seconds to wait while another run writes the same --out (0: refuse at once, exit "
         "code 2, naming the other run)",
+        at_least=0,
+    )
+    overwrite: bool = setting(
+        False,
+        "true: replace a complete --out holding vectors of another encoder or modality, or "
+        "of other data (no item in common); false: refuse, so a typo costs no finished work",
     )
     image_root: str = setting(
         "",

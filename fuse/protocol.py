@@ -51,7 +51,9 @@ class ProtocolConfig(HeadSettings):
     )
     out: str = setting("", f"folder for {PREDICTIONS_FILE}, {RUNS_FILE} and {CURVES_FILE}")
     heads: str = setting("", "folder for the first trial's trained heads (empty: none saved)")
-    classes: tuple[str, ...] = setting(("VCD", "GC"), "class labels, negative first")
+    classes: tuple[str, ...] = setting(
+        ("VCD", "GC"), "the two class labels, negative first (the heads are binary)", count=2
+    )
     models: tuple[str, ...] = setting(
         ("M4", "M1", "M2", "M3", "CLIP", "ALIGN", "BLIP-2", "ViLT", "Chinese-CLIP"),
         "models to train: M4 (VLMF-Net), ablations M1 image, M2 report, M3 ViT without "
@@ -61,12 +63,14 @@ class ProtocolConfig(HeadSettings):
     text_encoder: str = setting("llama3", "encoder of M2's, M3's and M4's report features")
     vit_encoder: str = setting("blip2-vit", "encoder of M3's image features (no Q-Former)")
     probes: bool = setting(True, "train a logistic-regression probe beside every head")
-    trials: int = setting(5, "trials, each with its own seed (seed + trial)")
+    trials: int = setting(5, "trials, each with its own seed (seed + trial)", at_least=1)
     seed: int = setting(0, "seed of the first trial: its split, initialisation and batch order")
     split: str = setting(
-        "redraw", "; ".join(f"{mode}: {meaning}" for mode, meaning in SPLIT_MODES.items())
+        "redraw",
+        "; ".join(f"{mode}: {meaning}" for mode, meaning in SPLIT_MODES.items()),
+        choices=tuple(SPLIT_MODES),
     )
-    folds: int = setting(5, "folds per trial when split is kfold")
+    folds: int = setting(5, "folds per trial when split is kfold", at_least=2)
     split_fractions: tuple[float, ...] = setting(
         (0.8, 0.1, 0.1), "train/val/test shares of patients (kfold: train:val only)"
     )
@@ -97,6 +101,11 @@ class ProtocolConfig(HeadSettings):
     )
     labels_per_exam: bool = setting(
         False, "true: a patient's exams (exam_id) may have different labels"
+    )
+    wait_for_lock: float = setting(
+        0,
+        "seconds to wait while another run writes the same --out (0: refuse at once)",
+        at_least=0,
     )
 
 

@@ -39,8 +39,15 @@ class ReportConfig:
 
     protocol: str = setting("", f"folder holding {PREDICTIONS_FILE} and {RUNS_FILE}")
     out: str = setting("", "folder for tables.md, tables.json, the plots and metrics/")
-    bootstrap_resamples: int = setting(1000, "patient-bootstrap resamples for the 95% CIs")
+    bootstrap_resamples: int = setting(
+        1000, "patient-bootstrap resamples for the 95% CIs", at_least=1
+    )
     seed: int = setting(0, "seed of the bootstrap")
+    wait_for_lock: float = setting(
+        0,
+        "seconds to wait while another run writes the same --out (0: refuse at once)",
+        at_least=0,
+    )
 
 
 def _json_safe(value: Any) -> Any:

@@ -16,7 +16,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from pipeline.atomic import atomic_folder
-from pipeline.config import require_paths, save_config, setting
+from pipeline.config import check_declared, require_paths, save_config, setting
 from pipeline.demo.patients import EXTERNAL_SITE, INTERNAL_SITE, Patient, plan_site
 from pipeline.demo.reports import write_report
 from pipeline.demo.scenes import render_images
@@ -47,32 +47,31 @@ class DemoConfig:
 
     out: str = setting("", "output folder; gets images/, manifest.csv and demo_config.yaml")
     patients: int = setting(
-        404, "internal patients (hospital_a), one exam and report each; 206/404 of them VCD"
+        404,
+        "internal patients (hospital_a), one exam and report each; 206/404 of them VCD",
+        at_least=2,
     )
     external_patients: int = setting(
-        47, "external patients (hospital_b, split 'external'; 0 for none); 22/47 of them VCD"
+        47,
+        "external patients (hospital_b, split 'external'; 0 for none); 22/47 of them VCD",
+        at_least=0,
     )
     images_per_report: int = setting(
-        14, "mean images per internal exam (at least 3 each); the external site takes fewer"
+        14,
+        "mean images per internal exam (at least 3 each); the external site takes fewer",
+        at_least=1,
     )
-    seed: int = setting(0, "random seed (0 or more); the same seed gives byte-identical files")
+    seed: int = setting(0, "random seed; the same seed gives byte-identical files", at_least=0)
     wait_for_lock: float = setting(
-        0, "seconds to wait while another run writes the same --out (0: refuse at once)"
+        0, "seconds to wait while another run writes the same --out (0: refuse at once)", at_least=0
     )
 
 
 def _check(config: DemoConfig) -> None:
     require_paths(config, "out")
+    check_declared(config)  # also when called with a config made in Python
     if Path(config.out).exists() and not Path(config.out).is_dir():
         raise UserError(f"--out {config.out} is a file; give a folder (it is created if absent)")
-    if config.patients < 2:
-        raise UserError(f"--patients is {config.patients}; it must be at least 2 (one per class)")
-    if config.external_patients < 0:
-        raise UserError(f"--external-patients is {config.external_patients}; use 0 or more")
-    if config.images_per_report < 1:
-        raise UserError(f"--images-per-report is {config.images_per_report}; use 1 or more")
-    if config.seed < 0:
-        raise UserError(f"--seed is {config.seed}; seeds are 0 or more")
 
 
 def _image_paths(patient: Patient) -> list[str]:

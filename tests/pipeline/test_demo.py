@@ -126,7 +126,7 @@ def test_cli_writes_a_manifest(tmp_path):
     [
         (["--patients", "abc"], "invalid int value"),
         (["--patients", "1"], "at least 2"),
-        (["--seed", "-1"], "0 or more"),
+        (["--seed", "-1"], "--seed is -1; it must be at least 0"),
     ],
     ids=["not-a-number", "too-few-patients", "negative-seed"],
 )
