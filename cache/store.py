@@ -126,13 +126,22 @@ def write_features(path: str | Path, features: FeatureSet) -> Path:
     )
 
 
+_RERUN = "re-run extraction (python -m extract with the same --out) to write it again"
+
+
 def _open_checked(path: Path) -> h5py.File:
+    if path.is_dir():
+        raise UserError(f"feature file {path} is a folder; give the .h5 files in it")
     if not path.is_file():
         raise UserError(f"feature file {path} does not exist; run extraction first")
     try:
         handle = h5py.File(path, "r")
     except OSError as error:
-        raise UserError(f"{path} is not a readable HDF5 feature file ({error})") from None
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UserError(
+            f"{path} is not a readable HDF5 feature file ({reason}): if it is one, it is "
+            f"damaged (cut short?); {_RERUN}"
+        ) from None
     found_format = handle.attrs.get("format")
     version = int(handle.attrs.get("format_version", -1))
     problem = None
@@ -164,15 +173,24 @@ def _require(handle: h5py.File, path: Path, *datasets: str) -> None:
     absent = [name for name in datasets if name not in handle]
     if absent:
         raise UserError(
-            f"{path} lacks dataset(s) {', '.join(absent)}: the file is damaged; re-run extraction"
+            f"{path} lacks dataset(s) {', '.join(absent)}: the file is damaged; {_RERUN}"
         )
+
+
+def _damaged(path: Path, error: Exception) -> UserError:
+    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return UserError(f"{path} is damaged ({reason}); {_RERUN}")
 
 
 def read_provenance(path: str | Path) -> dict[str, Any]:
     """Only the provenance of a feature file (cheap: no vectors are read)."""
-    with _open_checked(Path(path)) as handle:
-        _require(handle, Path(path), "features")
-        return json.loads(handle["features"].attrs["provenance"])
+    path = Path(path)
+    with _open_checked(path) as handle:
+        _require(handle, path, "features")
+        try:
+            return json.loads(handle["features"].attrs["provenance"])
+        except (OSError, KeyError, ValueError) as error:
+            raise _damaged(path, error) from None
 
 
 def _table(handle: h5py.File, group: str, value: str) -> dict[str, str]:
@@ -193,8 +211,8 @@ def read_features(path: str | Path) -> FeatureSet:
     with _open_checked(path) as handle:
         _require(handle, path, "features/keys", "features/vectors")
         group = handle["features"]
-        keys, vectors = _texts(group["keys"]), group["vectors"][()]
-        try:
+        try:  # HDF5 reads lazily: a file cut short fails here, not when it opens
+            keys, vectors = _texts(group["keys"]), group["vectors"][()]
             features = FeatureSet(
                 keys=keys,
                 vectors=vectors,
@@ -202,8 +220,8 @@ def read_features(path: str | Path) -> FeatureSet:
                 sources=_table(handle, "sources", "key"),
                 skipped=_table(handle, "skipped", "reason"),
             )
-        except ValueError as error:
-            raise UserError(f"{path} is damaged ({error}); re-run extraction") from None
+        except (OSError, KeyError, ValueError) as error:
+            raise _damaged(path, error) from None
     check_finite(keys, vectors, str(path))
     return features
 
