@@ -19,7 +19,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any, TypeVar
@@ -414,7 +414,7 @@ def _provenance(config: ExtractConfig, spec: EncoderSpec, encoder: Encoder) -> d
         "device_type": encoder.device.type,
         "key_scheme": KEY_SCHEMES[spec.modality],
         "package_versions": {name: metadata.version(name) for name in RECORDED_PACKAGES},
-        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
         "extract_config": config_to_dict(config),
         "manifest": {"path": str(config.manifest), "sha256": file_key(config.manifest)},
     }
