@@ -15,6 +15,7 @@ import os
 import shutil
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
+from fnmatch import fnmatch
 from pathlib import Path
 
 from pipeline import fault_hook
@@ -120,9 +121,9 @@ def atomic_folder(out: Path, owned: Collection[str] = ()) -> Iterator[Path]:
 
     Args:
         out: the output folder.
-        owned: the names a previous run of this writer leaves in `out`; an existing `out`
-            holding anything else (say, --out . by mistake) is refused, not replaced.
-            Empty: any existing `out` is replaced.
+        owned: the names (or glob patterns, e.g. "*.pt") of what a previous run of this
+            writer leaves in `out`; an existing `out` holding anything else (say, --out .
+            by mistake) is refused, not replaced. Empty: any existing `out` is replaced.
 
     On success the staging folder (`<out>.partial`) becomes `out` and the old `out` is
     deleted; on any exception the staging folder is deleted and `out` is left as it was.
@@ -136,7 +137,8 @@ def atomic_folder(out: Path, owned: Collection[str] = ()) -> Iterator[Path]:
     """
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} is a file; give a folder (it is created if absent)")
-    foreign = sorted(set(os.listdir(out)) - set(owned)) if owned and out.is_dir() else []
+    present = os.listdir(out) if owned and out.is_dir() else []
+    foreign = sorted(name for name in present if not any(fnmatch(name, p) for p in owned))
     if foreign:
         raise UserError(
             f"{out} holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}, which "

@@ -115,6 +115,12 @@ def test_a_second_writer_of_a_folder_is_refused_in_one_line(tmp_path: Path) -> N
 def test_a_folder_holding_what_the_writer_did_not_write_is_refused(tmp_path: Path) -> None:
     (tmp_path / "thesis.tex").write_text("years of work")
     refused = pytest.raises(UserError, match="holds thesis.tex, which this command did not write")
-    with refused, atomic_folder(tmp_path, owned=("runs.json",)):
+    with refused, atomic_folder(tmp_path, owned=("runs.json", "*.pt")):
         pass
     assert (tmp_path / "thesis.tex").exists()
+    heads = tmp_path / "heads"
+    heads.mkdir()
+    (heads / "M4.pt").write_text("old head")
+    with atomic_folder(heads, owned=("*.pt",)) as staging:  # patterns name what it owns
+        (staging / "M1.pt").write_text("new head")
+    assert [path.name for path in heads.iterdir()] == ["M1.pt"]
