@@ -329,7 +329,8 @@ def _on_main_process(state: PartialState, action: Callable[[], Result]) -> Resul
 
 
 def _token_lengths(encoder: Encoder, keys: Sequence[str], texts: Sequence[str]) -> dict[str, int]:
-    """Tokens per report before truncation (none to count for no report)."""
+    """Tokens per report before truncation."""
+    # Nothing may be left to encode (every item held by the file); tokenizers fail on [].
     lengths = encoder.token_lengths(texts) if texts else []
     return dict(zip(keys, lengths, strict=True))
 

@@ -57,7 +57,7 @@ def _limits_text(field: dataclasses.Field) -> str:
     if limits.get("at_least") is not None:
         parts.append(f"at least {limits['at_least']:g}")
     if limits.get("count") is not None:
-        parts.append(f"exactly {limits['count']}")
+        parts.append(f"exactly {limits['count']} values")
     return "; ".join(parts)
 
 
