@@ -10,6 +10,7 @@ day they pass, the mark goes).
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Sequence
 
@@ -21,6 +22,7 @@ import extract.__main__
 import fuse.__main__
 import pipeline.demo.__main__
 from cache.store import FeatureSet, write_features
+from fuse.schema import PREDICTIONS_FILE, RUN_SECTIONS, RUNS_FILE, prediction_rows
 from pipeline.demo import generate as demo
 from pipeline.keys import text_key
 
@@ -146,13 +148,28 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     )
     written["cut_features"] = folder / "cut.h5"
     written["cut_features"].write_bytes(written["features"].read_bytes()[:1000])
-    for name, file, content in (
-        ("cut_protocol", "predictions.parquet", b"PAR1\x00\x00"),
-        ("empty_runs", "runs.json", b""),
-    ):
+    # A whole predictions table beside an empty runs.json, and a cut one beside a whole runs.json
+    predictions = prediction_rows(
+        table.assign(exam_id="e", site="s"),
+        ["test"] * len(table),
+        model="M4",
+        head="head",
+        trial=0,
+        fold=0,
+        threshold=0.5,
+        probabilities=np.full((len(table), 2), 0.5),
+        classes=("VCD", "GC"),
+    )
+    whole_runs = {section: {} for section in RUN_SECTIONS}
+    whole_runs.update(settings={"classes": ["VCD", "GC"]}, runs=[{"model": "M4", "trial": 0}])
+    for name, cut in (("cut_protocol", True), ("empty_runs", False)):
         written[name] = folder / name
         written[name].mkdir()
-        (written[name] / file).write_bytes(content)
+        predictions.to_parquet(written[name] / PREDICTIONS_FILE, index=False)
+        (written[name] / RUNS_FILE).write_text(json.dumps(whole_runs) if cut else "")
+        if cut:
+            whole = (written[name] / PREDICTIONS_FILE).read_bytes()
+            (written[name] / PREDICTIONS_FILE).write_bytes(whole[: len(whole) // 2])
     return {name: str(path) for name, path in written.items()}
 
 
