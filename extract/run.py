@@ -42,7 +42,7 @@ from extract.registry import LOADERS, EncoderSpec, Registry, load_registry
 from extract.screening import check_image, screen_report, shown_safely
 from pipeline import fault_hook
 from pipeline.atomic import PARTIAL_SUFFIX
-from pipeline.config import config_to_dict, require_paths, setting
+from pipeline.config import check_declared, config_to_dict, require_paths, setting
 from pipeline.errors import UserError
 from pipeline.keys import KEY_SCHEMES, file_key, normalise_text, pair_key, text_key
 from pipeline.lock import output_lock
@@ -572,6 +572,7 @@ def run(config: ExtractConfig) -> Path:
             or inf, or a full disk.
     """
     require_paths(config, "model", "manifest", "out")
+    check_declared(config)  # also when the config was made in Python, not from flags
     if Path(config.out).is_dir():
         raise UserError(
             f"--out {config.out} is a folder; give the feature file to write, e.g. "
