@@ -93,28 +93,16 @@ def _records_with_lines(text: str):
         end = reader.line_num
 
 
-def _bad_utf8_offsets(data: bytes, limit: int = 100) -> list[int]:
-    offsets, start = [], 0
-    while len(offsets) < limit:
-        try:
-            data[start:].decode("utf-8")
-            break
-        except UnicodeDecodeError as error:
-            offsets.append(start + error.start)
-            start += error.end
-    return offsets
-
-
 def _not_utf8(path: Path, data: bytes, error: UnicodeDecodeError) -> str:
     line = data[: error.start].count(b"\n") + 1
-    bad = _bad_utf8_offsets(data)
-    decoded = data.decode("utf-8", errors="replace")
-    good_non_ascii = sum(1 for char in decoded if ord(char) > 0x7F and char != "\ufffd")
+    decoded = data.decode("utf-8", errors="replace")  # one U+FFFD per bad sequence
+    bad = decoded.count("\ufffd")
+    good_non_ascii = sum(1 for char in decoded if ord(char) > 0x7F) - bad
     # A UTF-8 file with a damaged spot: re-encoding the whole of it from another encoding
     # would garble every other non-ASCII character (every Chinese report).
-    if good_non_ascii > 10 * len(bad):
+    if good_non_ascii > 10 * bad:
         return (
-            f"manifest {path} is UTF-8 except for {len(bad)} byte sequence(s) that are not "
+            f"manifest {path} is UTF-8 except for {bad} byte sequence(s) that are not "
             f"(first: byte 0x{data[error.start]:02x} at offset {error.start}, line {line}): "
             "retype the text there and save as UTF-8; do not convert the whole file (it "
             "would garble the rest)"
