@@ -4,7 +4,7 @@ Beside the output FILE.h5, the folder FILE.h5.parts holds `plan.json` (the encod
 identity and the batches, as lists of item keys, that the run encodes) and one HDF5 part
 per finished batch, named by a hash of the identity and the batch's keys: a part is
 never taken for another encoder, pooling, dtype or batch. Each part is written
-atomically (cache.atomic), so a part that exists is complete; a run that is killed loses
+atomically (pipeline.atomic), so a part that exists is complete; a run that is killed loses
 at most the batches it was encoding. Parts are removed once the output is written.
 """
 
@@ -19,7 +19,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from cache.atomic import write_atomically
+from cache.hdf5 import write_hdf5_atomically
+from pipeline.atomic import write_atomically
 
 PARTS_SUFFIX = ".parts"
 PLAN_FILE = "plan.json"
@@ -81,15 +82,16 @@ class Parts:
         """Save the vectors of one finished batch.
 
         Raises:
-            UserError: the disk is full or another write error (cache.atomic).
+            UserError: the disk is full or another write error (cache.hdf5).
         """
 
-        def write_part(temporary: Path) -> None:
-            with h5py.File(temporary, "w") as handle:
-                handle.create_dataset("keys", data=list(batch), dtype=_TEXT, track_times=False)
-                handle.create_dataset("vectors", data=vectors, track_times=False)
+        def fill(handle: h5py.File) -> None:
+            handle.create_dataset("keys", data=list(batch), dtype=_TEXT, track_times=False)
+            handle.create_dataset("vectors", data=vectors, track_times=False)
 
-        write_atomically(self.path(batch), write_part, hook_point="part-write")
+        write_hdf5_atomically(
+            self.path(batch), fill, hook_point="part-write", kept=", finished batches are kept"
+        )
 
     def read(self, batch: Batch) -> np.ndarray:
         """The vectors of a finished batch, one row per key."""

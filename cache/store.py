@@ -14,7 +14,7 @@ Layout of format version 1:
 
 `skipped` came after the first files of version 1; readers treat its absence as "nothing
 skipped", so the version stays 1. A file is written as NAME.partial in the same folder,
-fsynced and renamed last (cache.atomic), so a crash never leaves a file that looks complete
+fsynced and renamed last (pipeline.atomic), so a crash never leaves a file that looks complete
 but is not. Writing is deterministic (no timestamps), so equal content gives equal bytes.
 """
 
@@ -29,7 +29,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from cache.atomic import write_atomically
+from cache.hdf5 import write_hdf5_atomically
 from pipeline.errors import UserError
 
 FORMAT_NAME = "vlmf-features"
@@ -103,35 +103,45 @@ def write_features(path: str | Path, features: FeatureSet) -> Path:
         UserError: the disk is full or the write fails otherwise; `path` is unchanged.
     """
 
-    def write(partial: Path) -> None:
-        with h5py.File(partial, "w") as handle:
-            handle.attrs["format"] = FORMAT_NAME
-            handle.attrs["format_version"] = FORMAT_VERSION
-            handle.attrs["complete"] = False
-            group = handle.create_group("features")
-            group.attrs["provenance"] = json.dumps(dict(features.provenance), ensure_ascii=False)
-            _write_texts(group, "keys", features.keys)
-            group.create_dataset("vectors", data=features.vectors, track_times=False)
-            for group_name, column, table in (
-                ("sources", "key", features.sources),
-                ("skipped", "reason", features.skipped),
-            ):
-                if table:
-                    columns = handle.create_group(group_name)
-                    _write_texts(columns, "name", list(table))
-                    _write_texts(columns, column, list(table.values()))
-            handle.attrs["complete"] = True
+    def fill(handle: h5py.File) -> None:
+        handle.attrs["format"] = FORMAT_NAME
+        handle.attrs["format_version"] = FORMAT_VERSION
+        handle.attrs["complete"] = False
+        group = handle.create_group("features")
+        group.attrs["provenance"] = json.dumps(dict(features.provenance), ensure_ascii=False)
+        _write_texts(group, "keys", features.keys)
+        group.create_dataset("vectors", data=features.vectors, track_times=False)
+        for group_name, column, table in (
+            ("sources", "key", features.sources),
+            ("skipped", "reason", features.skipped),
+        ):
+            if table:
+                columns = handle.create_group(group_name)
+                _write_texts(columns, "name", list(table))
+                _write_texts(columns, column, list(table.values()))
+        handle.attrs["complete"] = True
 
-    return write_atomically(Path(path), write, hook_point="consolidate")
+    return write_hdf5_atomically(
+        Path(path), fill, hook_point="consolidate", kept=", finished batches are kept"
+    )
+
+
+_RERUN = "re-run extraction (python -m extract with the same --out) to write it again"
 
 
 def _open_checked(path: Path) -> h5py.File:
+    if path.is_dir():
+        raise UserError(f"feature file {path} is a folder; give the .h5 files in it")
     if not path.is_file():
         raise UserError(f"feature file {path} does not exist; run extraction first")
     try:
         handle = h5py.File(path, "r")
     except OSError as error:
-        raise UserError(f"{path} is not a readable HDF5 feature file ({error})") from None
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UserError(
+            f"{path} is not a readable HDF5 feature file ({reason}): if it is one, it is "
+            f"damaged (cut short?); {_RERUN}"
+        ) from None
     found_format = handle.attrs.get("format")
     version = int(handle.attrs.get("format_version", -1))
     problem = None
@@ -163,15 +173,24 @@ def _require(handle: h5py.File, path: Path, *datasets: str) -> None:
     absent = [name for name in datasets if name not in handle]
     if absent:
         raise UserError(
-            f"{path} lacks dataset(s) {', '.join(absent)}: the file is damaged; re-run extraction"
+            f"{path} lacks dataset(s) {', '.join(absent)}: the file is damaged; {_RERUN}"
         )
+
+
+def _damaged(path: Path, error: Exception) -> UserError:
+    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return UserError(f"{path} is damaged ({reason}); {_RERUN}")
 
 
 def read_provenance(path: str | Path) -> dict[str, Any]:
     """Only the provenance of a feature file (cheap: no vectors are read)."""
-    with _open_checked(Path(path)) as handle:
-        _require(handle, Path(path), "features")
-        return json.loads(handle["features"].attrs["provenance"])
+    path = Path(path)
+    with _open_checked(path) as handle:
+        _require(handle, path, "features")
+        try:
+            return json.loads(handle["features"].attrs["provenance"])
+        except (OSError, KeyError, ValueError) as error:
+            raise _damaged(path, error) from None
 
 
 def _table(handle: h5py.File, group: str, value: str) -> dict[str, str]:
@@ -192,8 +211,8 @@ def read_features(path: str | Path) -> FeatureSet:
     with _open_checked(path) as handle:
         _require(handle, path, "features/keys", "features/vectors")
         group = handle["features"]
-        keys, vectors = _texts(group["keys"]), group["vectors"][()]
-        try:
+        try:  # HDF5 reads lazily: a file cut short fails here, not when it opens
+            keys, vectors = _texts(group["keys"]), group["vectors"][()]
             features = FeatureSet(
                 keys=keys,
                 vectors=vectors,
@@ -201,8 +220,8 @@ def read_features(path: str | Path) -> FeatureSet:
                 sources=_table(handle, "sources", "key"),
                 skipped=_table(handle, "skipped", "reason"),
             )
-        except ValueError as error:
-            raise UserError(f"{path} is damaged ({error}); re-run extraction") from None
+        except (OSError, KeyError, ValueError) as error:
+            raise _damaged(path, error) from None
     check_finite(keys, vectors, str(path))
     return features
 

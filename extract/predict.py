@@ -23,7 +23,7 @@ import pandas as pd
 
 from extract.run import ExtractConfig
 from extract.run import run as extract_run
-from fuse.head import CENTRING, FeatureSource
+from fuse.head import CENTRING, KINDS, FeatureSource
 from fuse.predict import OPERATING_POINTS, PredictConfig, load_heads
 from fuse.predict import run as predict_run
 from pipeline.cli import stage_main
@@ -66,10 +66,18 @@ class ExamConfig:
         "where the encoders' weights are: one value for every encoder (tiny, hub or a "
         "FOLDER) or ENCODER=VALUE per encoder; empty: what extraction recorded",
     )
-    kind: str = setting("head", "in head folders, which kind to use: head or probe")
-    operating_point: str = setting("youden", "; ".join(OPERATING_POINTS))
+    kind: str = setting("head", "in head folders, which kind to use", choices=KINDS)
+    operating_point: str = setting(
+        "youden",
+        "; ".join(f"{name}: {meaning}" for name, meaning in OPERATING_POINTS.items()),
+        choices=tuple(OPERATING_POINTS),
+    )
     centring: str = setting(
-        "stored", "stored or none (a batch of one exam cannot centre itself): " + CENTRING["stored"]
+        "stored",
+        "a batch of one exam cannot centre itself, so: stored: "
+        + CENTRING["stored"]
+        + "; none: every row as it is",
+        choices=("stored", "none"),
     )
     device: str = setting("auto", "where the encoders run: auto, cpu, cuda or cuda:N")
     json: bool = setting(False, "print one JSON document instead of text")
@@ -140,8 +148,6 @@ def run(config: ExamConfig) -> dict[str, Any]:
     """Encode the exam with the head's encoders and apply the head."""
     require_paths(config, "head", "images")
     report = _report(config)
-    if config.centring == "batch":
-        raise UserError("--centring batch needs many exams of the site; use python -m fuse predict")
     missing = [image for image in config.images if not Path(image).is_file()]
     if missing:
         raise UserError(f"image file(s) not found: {', '.join(missing)}")

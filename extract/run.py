@@ -19,7 +19,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any, TypeVar
@@ -32,9 +32,6 @@ from accelerate.utils import gather_object, parse_flag_from_env
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from cache import fault_hook
-from cache.atomic import PARTIAL_SUFFIX
-from cache.lock import output_lock
 from cache.parts import Batch, Parts
 from cache.store import FeatureSet, check_finite, read_features, write_features
 from extract.batching import padding_share, plan_batches
@@ -42,10 +39,13 @@ from extract.encoders import Encoder, torch_dtype
 from extract.loaders import load_encoder
 from extract.preprocess import ImageFiles, ImageTextPairs, image_transform
 from extract.registry import LOADERS, EncoderSpec, Registry, load_registry
-from extract.screening import check_image, screen_report
-from pipeline.config import config_to_dict, require_paths, setting
+from extract.screening import check_image, screen_report, shown_safely
+from pipeline import fault_hook
+from pipeline.atomic import PARTIAL_SUFFIX
+from pipeline.config import check_declared, config_to_dict, require_paths, setting
 from pipeline.errors import UserError
 from pipeline.keys import KEY_SCHEMES, file_key, normalise_text, pair_key, text_key
+from pipeline.lock import output_lock
 from pipeline.manifest import image_file, load_manifest
 
 RECORDED_PACKAGES = ("torch", "transformers", "accelerate", "tokenizers", "numpy", "h5py")
@@ -104,7 +104,7 @@ class ExtractConfig:
         "registered pooling) or one its loader offers: "
         + "; ".join(f"{name} {'|'.join(loader.poolings)}" for name, loader in LOADERS.items()),
     )
-    batch_size: int = setting(32, "images or reports per forward pass, per process")
+    batch_size: int = setting(32, "images or reports per forward pass, per process", at_least=1)
     device: str = setting(
         "auto", "auto (this process's GPU if there is one, else cpu), cpu, cuda or cuda:N"
     )
@@ -117,11 +117,18 @@ class ExtractConfig:
         2,
         "processes decoding images while the encoder runs (0: decode inline, which can be "
         "as fast on a machine with 2 cores)",
+        at_least=0,
     )
     wait_for_lock: float = setting(
         0,
         "seconds to wait while another run writes the same --out (0: refuse at once, exit "
         "code 2, naming the other run)",
+        at_least=0,
+    )
+    overwrite: bool = setting(
+        False,
+        "true: replace a complete --out holding vectors of another encoder or modality, or "
+        "of other data (no item in common); false: refuse, so a typo costs no finished work",
     )
     image_root: str = setting(
         "",
@@ -153,7 +160,8 @@ class UniqueItems:
 
 
 def _report_name(key: str, report: str) -> str:
-    return f"{key} {report[:REPORT_NAME_CHARS]}"
+    # shown_safely: a NUL cannot be stored in the file's string datasets
+    return f"{key} {shown_safely(report[:REPORT_NAME_CHARS])}"
 
 
 def check_images(
@@ -320,10 +328,11 @@ def _on_main_process(state: PartialState, action: Callable[[], Result]) -> Resul
     return _on_every_process(action if state.is_main_process else lambda: None)[0]
 
 
-def _padded_lengths(encoder: Encoder, keys: Sequence[str], texts: Sequence[str]) -> dict[str, int]:
-    """Tokens per report in its padded batch row: its length, at most max_length."""
-    lengths = encoder.token_lengths(texts)
-    return {key: min(length, encoder.max_length) for key, length in zip(keys, lengths, strict=True)}
+def _token_lengths(encoder: Encoder, keys: Sequence[str], texts: Sequence[str]) -> dict[str, int]:
+    """Tokens per report before truncation."""
+    # Nothing may be left to encode (every item held by the file); tokenizers fail on [].
+    lengths = encoder.token_lengths(texts) if texts else []
+    return dict(zip(keys, lengths, strict=True))
 
 
 def _batches(
@@ -406,7 +415,7 @@ def _provenance(config: ExtractConfig, spec: EncoderSpec, encoder: Encoder) -> d
         "device_type": encoder.device.type,
         "key_scheme": KEY_SCHEMES[spec.modality],
         "package_versions": {name: metadata.version(name) for name in RECORDED_PACKAGES},
-        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
         "extract_config": config_to_dict(config),
         "manifest": {"path": str(config.manifest), "sha256": file_key(config.manifest)},
     }
@@ -432,6 +441,30 @@ def _reusable_file(out: Path, identity: str) -> FeatureSet | None:
     return existing if encoder_identity(existing.provenance) == identity else None
 
 
+def _refuse_to_replace(out: Path, spec: EncoderSpec, items: UniqueItems) -> None:
+    """Refuse to replace a complete feature file of another encoder, modality or data: a
+    typo in --model or --out would throw away a finished extraction (on a GPU, hours)."""
+    if not out.is_file():
+        return
+    try:
+        existing = read_features(out)
+    except UserError:  # damaged or foreign: nothing worth keeping (_reusable_file warns)
+        return
+    held = existing.provenance
+    differences = [
+        f"{name} {held.get(name)!r} (this run: {wanted!r})"
+        for name, wanted in (("encoder", spec.name), ("modality", spec.modality))
+        if held.get(name) != wanted
+    ]
+    if existing.keys and not set(existing.keys) & set(items.keys):
+        differences.append("vectors of other data (no item in common with this manifest)")
+    if differences:
+        raise UserError(
+            f"--out {out} is a complete feature file of {'; '.join(differences)}; pass "
+            "--overwrite true to replace it, or choose another --out"
+        )
+
+
 @dataclass(frozen=True)
 class _Plan:
     """What the main process found on disk and decided, for every process to follow."""
@@ -443,6 +476,7 @@ class _Plan:
     pending: list[Batch]  # batches still to encode
     padding_share: float | None  # of the pending batches, for reports
     padding_share_unsorted: float | None  # the same batches cut in manifest order
+    long_reports: list[str]  # names of the pending reports over the encoder's max_length
 
 
 def _prepare(
@@ -464,12 +498,16 @@ def _prepare(
         # Left by a run of another encoder identity, or killed while writing this file.
         parts.remove()
         out.with_name(out.name + PARTIAL_SUFFIX).unlink(missing_ok=True)
-        return _Plan(identity, True, len(held), 0, [], None, None)
+        return _Plan(identity, True, len(held), 0, [], None, None, [])
     todo = [key for key in items.keys if key not in held]
     lengths = None
+    over: set[str] = set()
     if encoder.spec.modality == "text":
         text_of_key = dict(zip(items.keys, items.inputs, strict=True))
-        lengths = _padded_lengths(encoder, todo, [text_of_key[key] for key in todo])
+        tokens = _token_lengths(encoder, todo, [text_of_key[key] for key in todo])
+        over = {key for key, length in tokens.items() if length > encoder.max_length}
+        # a report's padded batch row holds at most max_length tokens
+        lengths = {key: min(length, encoder.max_length) for key, length in tokens.items()}
     batches = plan_batches(todo, batch_size, parts.planned_batches(), lengths)
     parts.start(batches)
     pending = [batch for batch in batches if not parts.done(batch)]
@@ -480,7 +518,9 @@ def _prepare(
         padding = padding_share(pending, lengths)
         unsorted = padding_share(plan_batches(pending_keys, batch_size), lengths)
     from_parts = len(todo) - sum(len(batch) for batch in pending)
-    return _Plan(identity, False, len(held), from_parts, pending, padding, unsorted)
+    pending_over = {key for batch in pending for key in batch} & over
+    names = [name for key, name in zip(items.keys, items.names, strict=True) if key in pending_over]
+    return _Plan(identity, False, len(held), from_parts, pending, padding, unsorted, names)
 
 
 def _consolidate(
@@ -518,7 +558,7 @@ def run(config: ExtractConfig) -> Path:
     Resumable: finished batches are saved as parts (cache.parts) and a rerun of the same
     command encodes only the rest; vectors of the existing output are reused when their
     encoder identity matches; an output that already holds everything is left as it is.
-    One run at a time writes an output (cache.lock). Under `accelerate launch` each
+    One run at a time writes an output (pipeline.lock). Under `accelerate launch` each
     process encodes its share of the batches into its own parts and the main process
     writes the file.
 
@@ -532,6 +572,12 @@ def run(config: ExtractConfig) -> Path:
             or inf, or a full disk.
     """
     require_paths(config, "model", "manifest", "out")
+    check_declared(config)  # also when the config was made in Python, not from flags
+    if Path(config.out).is_dir():
+        raise UserError(
+            f"--out {config.out} is a folder; give the feature file to write, e.g. "
+            f"{Path(config.out) / 'features.h5'}"
+        )
     registry = load_registry(config.registry)
     spec = _resolve_spec(config, registry)
     # Reports can be re-encoded where the images are not (a laptop, another LLM). Missing
@@ -551,6 +597,24 @@ def run(config: ExtractConfig) -> Path:
     with ExitStack() as held:
         _on_main_process(state, lambda: held.enter_context(output_lock(out, config.wait_for_lock)))
         return _locked_run(config, spec, registry, table, state, out)
+
+
+def _long_reports_summary(names: Sequence[str], encoder: Encoder) -> str:
+    first = "; ".join(names[:3])
+    limit = encoder.max_length
+    if encoder.preprocessing.get("long_reports") == "windows":
+        return f"{len(names)} report(s) over {limit} tokens encoded in windows (first: {first})"
+    whole = (
+        "to encode them whole, give this encoder preprocessing.long_reports: windows in a "
+        "--registry file (see README)"
+        if encoder.supports_windows
+        else f"{encoder.spec.name}'s pooling cannot encode them in windows; an encoder with "
+        "mean pooling can (preprocessing.long_reports: windows)"
+    )
+    return (
+        f"warning: {len(names)} report(s) are longer than {encoder.spec.name}'s {limit} "
+        f"tokens and were truncated to their first {limit} (first: {first}); {whole}"
+    )
 
 
 def _run_record(
@@ -604,6 +668,13 @@ def _locked_run(
     )
     if items.skipped and config.strict:
         raise UserError(f"--strict: {_skipped_summary(items.skipped)}")
+    if not items.keys:
+        raise UserError(
+            f"{config.manifest}: nothing to encode, every {spec.modality} item is bad: "
+            f"{_skipped_summary(items.skipped)}"
+        )
+    if not config.overwrite:
+        _on_main_process(state, lambda: _refuse_to_replace(out, spec, items))
     if state.is_main_process:
         _warn_about_broken_entries(registry, config.model)
     device = _device(config.device, state)
@@ -645,5 +716,7 @@ def _locked_run(
                 f"padding: {plan.padding_share:.1%} of report tokens "
                 f"({plan.padding_share_unsorted:.1%} without sorting by length)"
             )
+        if plan.long_reports:
+            print(_long_reports_summary(plan.long_reports, encoder), file=sys.stderr)
         _summarise_skipped(items.skipped)
     return out

@@ -7,6 +7,7 @@ fixed strings, so skipped items can be counted by reason.
 
 from __future__ import annotations
 
+import errno
 import re
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from extract.preprocess import ImageTooLarge, decode_image
 from pipeline.keys import bytes_key
 
 MISSING = "missing"
+UNREADABLE = "unreadable"  # no permission to read it, or an I/O error
+SYMLINK_LOOP = "symlink loop"
 ZERO_BYTE = "zero-byte"
 NOT_AN_IMAGE = "not an image"
 UNDECODABLE = "truncated or undecodable"
@@ -50,14 +53,17 @@ def check_image(path: Path) -> tuple[str, str | None]:
 
     Returns:
         (key, None) for a usable image; ("", reason) otherwise, the reason one of
-        "missing", "zero-byte", "not an image" (a file of another kind, e.g. text named
-        .png), "truncated or undecodable" (starts like an image but its data is cut short
-        or corrupt), "too large" (over PIL.Image.MAX_IMAGE_PIXELS).
+        "missing" (no file, a folder or a symlink to nothing), "unreadable" (no permission,
+        an I/O error), "symlink loop", "zero-byte", "not an image" (a file of another
+        kind, e.g. text named .png), "truncated or undecodable" (starts like an image but
+        its data is cut short or corrupt), "too large" (over PIL.Image.MAX_IMAGE_PIXELS).
     """
-    path = Path(path)
-    if not path.is_file():
+    try:
+        data = Path(path).read_bytes()
+    except (FileNotFoundError, IsADirectoryError):
         return "", MISSING
-    data = path.read_bytes()
+    except OSError as error:
+        return "", SYMLINK_LOOP if error.errno == errno.ELOOP else UNREADABLE
     if not data:
         return "", ZERO_BYTE
     try:
@@ -69,6 +75,12 @@ def check_image(path: Path) -> tuple[str, str | None]:
     except (OSError, SyntaxError, ValueError, EOFError):
         return "", UNDECODABLE
     return bytes_key(data), None
+
+
+def shown_safely(text: str) -> str:
+    """`text` with each control character written as an escape (U+0000 as \\x00), so that
+    it can be shown and stored as a name."""
+    return _CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
 
 
 def screen_report(text: str) -> str | None:

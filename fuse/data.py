@@ -22,7 +22,7 @@ from cache.store import FeatureSet, read_features, read_provenance
 from fuse.identity import check_image_identity, check_weights, image_keys_here
 from pipeline.errors import UserError
 from pipeline.keys import pair_key, text_key
-from pipeline.manifest import first_lines, load_manifest
+from pipeline.manifest import LINE_COLUMN, first_lines, load_manifest
 
 FeatureId = tuple[str, str]  # (encoder, modality) as recorded in a file's provenance
 MODALITIES = ("image", "text", "pair")
@@ -180,7 +180,7 @@ def load_cached_rows(
             notes.append(
                 f"{item.path}: {int(absent.sum())} of {len(table)} pair(s) have no vector "
                 f"({_why_absent(table, absent, item.features.skipped)}), at line(s) "
-                f"{first_lines(pd.Series(absent))}; left out of every model"
+                f"{first_lines(pd.Series(absent), table[LINE_COLUMN])}; left out of every model"
             )
         keep &= ~absent
     if not keep.any():

@@ -32,7 +32,7 @@ import pandas as pd
 
 from pipeline.errors import UserError
 from pipeline.keys import file_key, text_key
-from pipeline.manifest import first_lines, image_file, read_table
+from pipeline.manifest import LINE_COLUMN, first_lines, image_file, read_table
 
 WEIGHT_EXPECTATIONS = ("", "tiny", "real")  # "": any
 
@@ -122,7 +122,10 @@ def _content_key(
         location = image_file(manifest_path, image, image_root)
     except UserError:  # outside the image root: not to be read
         return None
-    return file_key(location) if location.is_file() else None
+    try:
+        return file_key(location) if location.is_file() else None
+    except OSError:  # unreadable (no permission): not reachable, so checked by path
+        return None
 
 
 def _row_identity(table: pd.DataFrame) -> pd.Series:
@@ -141,7 +144,7 @@ def _recorded_rows(recorded: Mapping[str, Any]) -> set[tuple[str, str]] | None:
 
 def _lines_and_paths(table: pd.DataFrame, mask: pd.Series) -> str:
     first = table.loc[mask, "image_path"].iloc[0]
-    return f"{first_lines(mask)} (first: {first})"
+    return f"{first_lines(mask, table[LINE_COLUMN])} (first: {first})"
 
 
 def weights_kind(provenance: Mapping[str, Any]) -> str:

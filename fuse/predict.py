@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from fuse.data import CachedRows, load_cached_rows
-from fuse.head import CENTRING, FeatureSource, FittedHead
+from fuse.head import CENTRING, KINDS, FeatureSource, FittedHead
 from fuse.schema import probability_column
 from pipeline.config import require_paths, setting
 from pipeline.errors import UserError
@@ -51,15 +51,21 @@ class PredictConfig:
         (), "feature files of that manifest from the head's encoders (python -m extract)"
     )
     out: str = setting("", "CSV file for the per-image table (empty: print only)")
-    kind: str = setting("head", "in head folders, which kind to use: head or probe")
+    kind: str = setting("head", "in head folders, which kind to use", choices=KINDS)
     operating_point: str = setting(
-        "youden", "; ".join(f"{name}: {meaning}" for name, meaning in OPERATING_POINTS.items())
+        "youden",
+        "; ".join(f"{name}: {meaning}" for name, meaning in OPERATING_POINTS.items()),
+        choices=tuple(OPERATING_POINTS),
     )
     centring: str = setting(
-        "stored", "; ".join(f"{name}: {meaning}" for name, meaning in CENTRING.items())
+        "stored",
+        "; ".join(f"{name}: {meaning}" for name, meaning in CENTRING.items()),
+        choices=tuple(CENTRING),
     )
     exam_aggregate: str = setting(
-        "mean", "; ".join(f"{name}: {meaning}" for name, meaning in EXAM_AGGREGATES.items())
+        "mean",
+        "; ".join(f"{name}: {meaning}" for name, meaning in EXAM_AGGREGATES.items()),
+        choices=tuple(EXAM_AGGREGATES),
     )
     json: bool = setting(False, "print one JSON document instead of text (for machines)")
     image_root: str = setting(
@@ -157,10 +163,6 @@ def decide(positive: np.ndarray, threshold: float, classes: Sequence[str]) -> np
 def run(config: PredictConfig) -> dict[str, Any]:
     """Score the manifest's rows with the heads; print and return images and exams."""
     require_paths(config, "head", "manifest", "features")
-    if config.exam_aggregate not in EXAM_AGGREGATES:
-        raise UserError(
-            f"exam_aggregate {config.exam_aggregate!r}: choose from {', '.join(EXAM_AGGREGATES)}"
-        )
     heads = load_heads(config.head, config.kind)
     classes = heads[0].classes
     data = load_cached_rows(

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,10 +32,14 @@ from fuse.train import (
     release_freed_memory,
 )
 from fuse.zoo import FROZEN_NOTE, ModelSpec, protocol_models, select_models
+from pipeline.atomic import atomic_folder
 from pipeline.config import config_to_dict, require_paths, setting
 from pipeline.errors import UserError
 from pipeline.keys import file_key
+from pipeline.lock import output_lock
 from pipeline.splits import SPLIT_MODES, TrialSplit, plan_trials
+
+OUTPUT_FILES = (PREDICTIONS_FILE, RUNS_FILE, CURVES_FILE)
 
 
 @dataclass(frozen=True)
@@ -54,7 +59,9 @@ class ProtocolConfig(HeadSettings):
     save_models: tuple[str, ...] = setting(
         ("M4",), "models whose fitted heads are saved into heads (the paper's model by default)"
     )
-    classes: tuple[str, ...] = setting(("VCD", "GC"), "class labels, negative first")
+    classes: tuple[str, ...] = setting(
+        ("VCD", "GC"), "the two class labels, negative first (the heads are binary)", count=2
+    )
     models: tuple[str, ...] = setting(
         ("M4", "M1", "M2", "M3", "CLIP", "ALIGN", "BLIP-2", "ViLT", "Chinese-CLIP"),
         "models to train: M4 (VLMF-Net), ablations M1 image, M2 report, M3 ViT without "
@@ -64,12 +71,14 @@ class ProtocolConfig(HeadSettings):
     text_encoder: str = setting("llama3", "encoder of M2's, M3's and M4's report features")
     vit_encoder: str = setting("blip2-vit", "encoder of M3's image features (no Q-Former)")
     probes: bool = setting(True, "train a logistic-regression probe beside every head")
-    trials: int = setting(5, "trials, each with its own seed (seed + trial)")
+    trials: int = setting(5, "trials, each with its own seed (seed + trial)", at_least=1)
     seed: int = setting(0, "seed of the first trial: its split, initialisation and batch order")
     split: str = setting(
-        "redraw", "; ".join(f"{mode}: {meaning}" for mode, meaning in SPLIT_MODES.items())
+        "redraw",
+        "; ".join(f"{mode}: {meaning}" for mode, meaning in SPLIT_MODES.items()),
+        choices=tuple(SPLIT_MODES),
     )
-    folds: int = setting(5, "folds per trial when split is kfold")
+    folds: int = setting(5, "folds per trial when split is kfold", at_least=2)
     split_fractions: tuple[float, ...] = setting(
         (0.8, 0.1, 0.1), "train/val/test shares of patients (kfold: train:val only)"
     )
@@ -100,6 +109,11 @@ class ProtocolConfig(HeadSettings):
     )
     labels_per_exam: bool = setting(
         False, "true: a patient's exams (exam_id) may have different labels"
+    )
+    wait_for_lock: float = setting(
+        0,
+        "seconds to wait while another run writes the same --out (0: refuse at once)",
+        at_least=0,
     )
 
 
@@ -272,6 +286,23 @@ def run(config: ProtocolConfig) -> dict[str, Any]:
         raise UserError(
             f"save_models {unknown} are not among the models trained ({list(config.models)})"
         )
+    out = Path(config.out)
+    with ExitStack() as outputs:
+        outputs.enter_context(output_lock(out, config.wait_for_lock))
+        staging = outputs.enter_context(atomic_folder(out, owned=OUTPUT_FILES))
+        heads = None
+        if config.heads:
+            outputs.enter_context(output_lock(Path(config.heads), config.wait_for_lock))
+            heads = outputs.enter_context(
+                atomic_folder(Path(config.heads), owned=tuple(protocol_models("", "", "")))
+            )
+        return _run_locked(config, models, staging, heads)
+
+
+def _run_locked(
+    config: ProtocolConfig, models: list[ModelSpec], out: Path, heads: Path | None
+) -> dict[str, Any]:
+    """The protocol's work, writing into the staging folders `out` and `heads`."""
     data = load_cached_rows(
         config.manifest,
         config.features,
@@ -290,8 +321,6 @@ def run(config: ProtocolConfig) -> dict[str, Any]:
         check_split_classes(
             _rows_by_split(split), data.labels, f"trial {split.trial}", config.classes
         )
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
     kinds = ("head", "probe") if config.probes else ("head",)
     frames, curves, records = [], [], []
     learning_rate_of: dict[str, float] = {}
@@ -340,8 +369,8 @@ def run(config: ProtocolConfig) -> dict[str, Any]:
                         model=name, trial=job.split.trial, fold=job.split.fold
                     )
                 )
-            if config.heads and name in config.save_models:
-                head.save(head_path(config.heads, name, kind, job.split.trial, job.split.fold))
+            if heads and name in config.save_models:
+                head.save(head_path(heads, name, kind, job.split.trial, job.split.fold))
             del head, probabilities
             release_freed_memory()  # a head's copies of the inputs, before the next one
     predictions = pd.concat(frames, ignore_index=True)

@@ -26,16 +26,18 @@ from fuse.analyses.base import SET_TITLES, trial_counts
 from fuse.analyses.calibration import CALIBRATORS
 from fuse.evaluate import OPERATING_POINTS, REFERENCE_MODEL, evaluate
 from fuse.schema import (
-    CURVES_FILE,
     PREDICTIONS_FILE,
     RUNS_FILE,
     classes_of,
+    read_curves,
     read_predictions,
     read_runs,
 )
 from fuse.zoo import FROZEN_NOTE
+from pipeline.atomic import staged_entries
 from pipeline.config import require_paths, setting
 from pipeline.errors import UserError
+from pipeline.lock import output_lock
 from pipeline.metrics import roc_auc, roc_points
 from pipeline.stats import format_mean_sd
 
@@ -53,7 +55,9 @@ class ReportConfig:
     protocol: str = setting("", f"folder holding {PREDICTIONS_FILE} and {RUNS_FILE}")
     out: str = setting("", "folder for tables.md, tables.json, the plots and metrics/")
     # no per-cent sign in help texts: argparse expands them and --help would crash
-    bootstrap_resamples: int = setting(1000, "patient-bootstrap resamples of the 95 percent CIs")
+    bootstrap_resamples: int = setting(
+        1000, "patient-bootstrap resamples of the 95 percent CIs", at_least=1
+    )
     seed: int = setting(0, "seed of the bootstrap")
     target_sensitivity: float = setting(
         AnalysisSettings.target_sensitivity,
@@ -65,13 +69,19 @@ class ReportConfig:
     )
     calibration: str = setting(
         AnalysisSettings.calibration,
-        f"recalibration fitted on each head's validation rows: {list(CALIBRATORS)}",
+        "recalibration fitted on each head's validation rows",
+        choices=tuple(CALIBRATORS),
     )
     calibration_bins: int = setting(
         AnalysisSettings.calibration_bins, "equal-width probability bins of the ECE and diagrams"
     )
     decision_thresholds: tuple[float, ...] = setting(
         AnalysisSettings.decision_thresholds, "threshold probabilities of the decision-curve table"
+    )
+    wait_for_lock: float = setting(
+        0,
+        "seconds to wait while another run writes the same --out (0: refuse at once)",
+        at_least=0,
     )
 
 
@@ -372,40 +382,45 @@ def run(config: ReportConfig) -> dict[str, pd.DataFrame]:
     tables = evaluate(predictions, classes, config.bootstrap_resamples, config.seed)
     inputs = AnalysisInputs(predictions, runs, classes, settings)
     results = {name: analyse(inputs) for name, analyse in ANALYSES.items()}
+    curves = read_curves(protocol)
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "tables.md").write_text(_markdown(tables, results, runs, classes), encoding="utf-8")
-    _write_json(
-        out / "tables.json",
-        {
-            "note": FROZEN_NOTE,
-            "settings": runs["settings"],
-            "data": runs["data"],
-            **{
-                name: table.to_dict(orient="records")
-                for name, table in tables.items()
-                if name not in ("averaged", "pooled")
+    # The report shares reports/ with the protocol's folder: each file it writes is moved
+    # in whole, under its own lock.
+    with output_lock(out, config.wait_for_lock), staged_entries(out) as staging:
+        (staging / "tables.md").write_text(
+            _markdown(tables, results, runs, classes), encoding="utf-8"
+        )
+        _write_json(
+            staging / "tables.json",
+            {
+                "note": FROZEN_NOTE,
+                "settings": runs["settings"],
+                "data": runs["data"],
+                **{
+                    name: table.to_dict(orient="records")
+                    for name, table in tables.items()
+                    if name not in ("averaged", "pooled")
+                },
+                "analyses_run": list(results),
+                "analyses": {
+                    name: {
+                        "title": result.title,
+                        "notes": result.notes,
+                        **{
+                            table: frame.to_dict(orient="records")
+                            for table, frame in result.tables.items()
+                        },
+                    }
+                    for name, result in results.items()
+                },
             },
-            "analyses_run": list(results),
-            "analyses": {
-                name: {
-                    "title": result.title,
-                    "notes": result.notes,
-                    **{
-                        table: frame.to_dict(orient="records")
-                        for table, frame in result.tables.items()
-                    },
-                }
-                for name, result in results.items()
-            },
-        },
-    )
-    for split in SET_TITLES:
-        if (tables["averaged"]["split"] == split).any():
-            _plot_roc(tables["averaged"], split, out / PLOT_FILES[split], classes)
-    _plot_training(pd.read_csv(protocol / CURVES_FILE), out / "training_curves.png")
-    _write_dvc_metrics(out / "metrics", tables["summary"])
-    _write_analyses(out, results)
+        )
+        for split in SET_TITLES:
+            if (tables["averaged"]["split"] == split).any():
+                _plot_roc(tables["averaged"], split, staging / PLOT_FILES[split], classes)
+        _plot_training(curves, staging / "training_curves.png")
+        _write_dvc_metrics(staging / "metrics", tables["summary"])
+        _write_analyses(staging, results)
     return tables | {
         f"{name}.{table}": frame
         for name, result in results.items()

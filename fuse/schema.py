@@ -143,6 +143,21 @@ def read_predictions(folder: str | Path, classes: Sequence[str]) -> pd.DataFrame
     return table
 
 
+def read_curves(folder: str | Path) -> pd.DataFrame:
+    """The per-epoch training curves of a protocol folder.
+
+    Raises:
+        UserError: the file is missing or not a readable CSV.
+    """
+    path = Path(folder) / CURVES_FILE
+    if not path.is_file():
+        raise UserError(f"{path} does not exist; run `python -m fuse protocol` first")
+    try:
+        return pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+        raise _damaged(path, f"is not a readable CSV file ({type(error).__name__})") from None
+
+
 def classes_of(runs: Mapping[str, Any]) -> tuple[str, ...]:
     """The class names of a run, negative first."""
     return tuple(runs["settings"]["classes"])

@@ -21,7 +21,8 @@ from torch.nn import functional as F
 
 from fuse.losses import nt_xent
 from fuse.model import FusionHead
-from pipeline.config import setting
+from pipeline.config import check_declared, setting
+from pipeline.errors import UserError
 from pipeline.metrics import roc_auc
 
 _MALLOPT_TRIM_THRESHOLD, _MALLOPT_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
@@ -39,7 +40,7 @@ class HeadSettings:
     hidden_widths: tuple[int, ...] = setting(
         (512, 128), "widths of the classifier's hidden fully connected layers"
     )
-    dropout: float = setting(0.3, "dropout probability after each hidden layer")
+    dropout: float = setting(0.3, "dropout probability after each hidden layer", at_least=0)
     contrastive_width: int = setting(
         256, "shared width the two projections are mapped to for the NT-Xent loss"
     )
@@ -53,27 +54,31 @@ class HeadSettings:
     weight_decay: float = setting(0.01, "AdamW weight decay")
     warmup_epochs: int = setting(
         1,
-        "epochs of linear warm-up before the cosine decay; selection skips them, so a "
-        "longer warm-up on a head that overfits within a few epochs keeps its first "
-        "eligible epoch (see README)",
+        "epochs of linear warm-up before the cosine decay; fewer than epochs, as no warm-up "
+        "epoch can be kept; selection skips them, so a longer warm-up on a head that "
+        "overfits within a few epochs keeps its first eligible epoch (see README)",
+        at_least=0,
     )
-    epochs: int = setting(80, "training epochs (at most, with patience)")
+    epochs: int = setting(80, "training epochs (at most, with patience)", at_least=1)
     patience: int = setting(
         20,
         "stop once this many epochs have passed without a better eligible epoch (the "
         "kept head is then the best so far); 0: train every epoch, as the paper",
+        at_least=0,
     )
-    batch_size: int = setting(64, "image-report pairs per optimisation step")
+    batch_size: int = setting(64, "image-report pairs per optimisation step", at_least=1)
     selection: str = setting(
         "val_loss",
         "which epoch's weights are kept: val_loss (lowest validation cross-entropy) or "
         "val_auc; only epochs after warm-up whose validation predictions contain every "
         "class are eligible",
+        choices=SELECTION_CRITERIA,
     )
     precision: str = setting(
         "bf16",
         "bf16: matrix products in bfloat16 under autocast (float32 weights, optimizer and "
         "losses); fp32: everything in float32",
+        choices=PRECISIONS,
     )
 
 
@@ -94,13 +99,19 @@ class TrainedHead:
 
 
 def check_settings(settings: HeadSettings) -> None:
-    """Raise ValueError for a selection criterion or precision that does not exist."""
-    if settings.selection not in SELECTION_CRITERIA:
-        raise ValueError(f"selection {settings.selection!r}: choose from {SELECTION_CRITERIA}")
-    if settings.precision not in PRECISIONS:
-        raise ValueError(f"precision {settings.precision!r}: choose from {PRECISIONS}")
-    if settings.patience < 0:
-        raise ValueError(f"patience {settings.patience}: 0 (train every epoch) or more")
+    """Check the settings against their declared limits and how they relate.
+
+    Raises:
+        UserError: a value out of its limits (pipeline.config.check_declared), or as many
+            warm-up epochs as epochs or more: no epoch could be kept, and the head would
+            be its last, never-selected epoch.
+    """
+    check_declared(settings)
+    if settings.warmup_epochs >= settings.epochs:
+        raise UserError(
+            f"--warmup-epochs is {settings.warmup_epochs} and --epochs {settings.epochs}: "
+            "only epochs after warm-up can be kept, so give more epochs than warm-up epochs"
+        )
 
 
 @functools.cache

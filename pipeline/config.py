@@ -1,9 +1,11 @@
 """Stage configuration: dataclass defaults < a params.yaml section < command-line flags.
 
 Each stage declares one frozen dataclass whose fields are made with `setting()`; the help
-text there is the single description of the option, reused by `--help`. Unknown keys in
-params.yaml are errors that list the valid keys, and flags are parsed strictly (a bool
-flag accepts true/false, not any string).
+text there is the single description of the option, reused by `--help`, and so are its
+limits (choices, a lower bound, a number of items), which `--help` shows and every config
+is checked against before any work (check_declared). Unknown keys in params.yaml are
+errors that list the valid keys, and flags are parsed strictly (a bool flag accepts
+true/false, not any string).
 """
 
 from __future__ import annotations
@@ -26,9 +28,61 @@ _TRUE_WORDS = {"true", "1", "yes", "on"}
 _FALSE_WORDS = {"false", "0", "no", "off"}
 
 
-def setting(default: Any, help: str) -> Any:
-    """A config field with its help text; tuples are the only sequence type (frozen)."""
-    return dataclasses.field(default=default, metadata={"help": help})
+def setting(
+    default: Any,
+    help: str,
+    *,
+    choices: tuple[Any, ...] = (),
+    at_least: float | None = None,
+    count: int | None = None,
+) -> Any:
+    """A config field with its help text and limits; tuples are the only sequence type.
+
+    Args:
+        default: the value when neither params.yaml nor a flag gives one.
+        help: the option's one description, shown by --help.
+        choices: the allowed values (of each item, for a tuple); empty: any.
+        at_least: the smallest allowed value (of each item, for a tuple); None: any.
+        count: how many items a tuple must have; None: any number.
+    """
+    limits = {"choices": choices, "at_least": at_least, "count": count}
+    return dataclasses.field(default=default, metadata={"help": help, **limits})
+
+
+def _limits_text(field: dataclasses.Field) -> str:
+    limits = field.metadata
+    parts = []
+    if limits.get("choices"):
+        parts.append("one of " + ", ".join(map(str, limits["choices"])))
+    if limits.get("at_least") is not None:
+        parts.append(f"at least {limits['at_least']:g}")
+    if limits.get("count") is not None:
+        parts.append(f"exactly {limits['count']} values")
+    return "; ".join(parts)
+
+
+def check_declared(config: Any) -> None:
+    """Check every field of `config` against the limits its `setting()` declares.
+
+    Raises:
+        UserError: naming the first value out of its limits, and the limits.
+    """
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        items = value if isinstance(value, tuple) else (value,)
+        count = field.metadata.get("count")
+        choices = field.metadata.get("choices") or ()
+        at_least = field.metadata.get("at_least")
+        wrong = (
+            (count is not None and len(items) != count)
+            or (choices and any(item not in choices for item in items))
+            or (at_least is not None and any(item < at_least for item in items))
+        )
+        if wrong:
+            shown = " ".join(map(str, items)) if isinstance(value, tuple) else repr(value)
+            raise UserError(
+                f"{_flag_name(field.name)} is {shown}; it must be {_limits_text(field)}"
+            )
 
 
 def parse_bool(text: str) -> bool:
@@ -76,7 +130,11 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type, sect
     types_by_name = _field_types(config_cls)
     for field in dataclasses.fields(config_cls):
         field_type = types_by_name[field.name]
-        help_text = f"{field.metadata.get('help', '')} (default: {_show(field.default)})"
+        limits = _limits_text(field)
+        help_text = (
+            f"{field.metadata.get('help', '')} ({limits + '; ' if limits else ''}"
+            f"default: {_show(field.default)})"
+        ).replace("%", "%%")  # argparse reads help as a %-format string
         if _is_tuple(field_type):
             parser.add_argument(
                 _flag_name(field.name),
@@ -126,7 +184,7 @@ def build_config(config_cls: type[Config], values: Mapping[str, Any], origin: st
         origin: where the values came from, for error messages.
 
     Raises:
-        UserError: an unknown key, or a value of the wrong type.
+        UserError: an unknown key, a value of the wrong type or outside its declared limits.
     """
     types_by_name = _field_types(config_cls)
     unknown = sorted(set(values) - set(types_by_name))
@@ -139,7 +197,9 @@ def build_config(config_cls: type[Config], values: Mapping[str, Any], origin: st
         name: _coerce(value, types_by_name[name], f"{origin}: {name}")
         for name, value in values.items()
     }
-    return config_cls(**coerced)
+    config = config_cls(**coerced)
+    check_declared(config)
+    return config
 
 
 def _coerce(value: Any, field_type: Any, where: str) -> Any:

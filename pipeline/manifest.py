@@ -13,32 +13,48 @@ per examination (`labels_per_exam`), when each exam has one.
 
 from __future__ import annotations
 
+import csv
 import io
 import os
 import re
+import sys
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
 
 from pipeline.errors import UserError
+from pipeline.identifiers import unify_identifiers
 from pipeline.keys import file_key, text_key
 
 REQUIRED_COLUMNS = ("image_path", "report_text", "label", "patient_id")
 OPTIONAL_COLUMNS = ("exam_id", "split", "site")
 SPLITS = ("train", "val", "test", "external")
+# The file line each row starts on: a quoted report may span lines, so rows are not lines.
+LINE_COLUMN = "manifest_line"
 _ROWS_SHOWN = 5
 # Separators spreadsheets write instead of commas (';' where the comma is the decimal mark).
 _OTHER_DELIMITERS = {";": "semicolons", "\t": "tabs", "|": "vertical bars"}
 
 
 def read_table(path: str | Path) -> pd.DataFrame:
-    """Read a CSV or Parquet manifest with every column as text (ids like 007 stay intact)."""
-    path = Path(path)
+    """Read a CSV or Parquet manifest with every column as text (ids like 007 stay intact),
+    each id in one spelling (pipeline.identifiers) and each row's file line in LINE_COLUMN."""
+    table = _read_file(Path(path))
+    unify_identifiers(table, table[LINE_COLUMN])
+    return table
+
+
+def _read_file(path: Path) -> pd.DataFrame:
+    if path.is_dir():
+        raise UserError(f"manifest {path} is a folder; give the manifest file in it")
     if not path.is_file():
         raise UserError(f"manifest {path} does not exist")
     if path.suffix.lower() == ".parquet":
-        return pd.read_parquet(path).astype("string").fillna("")
+        table = pd.read_parquet(path).astype("string").fillna("")
+        table[LINE_COLUMN] = table.index + 2  # as a CSV's lines: the header is line 1
+        return table
     if path.suffix.lower() != ".csv":
         raise UserError(f"manifest {path}: expected a .csv or .parquet file")
     data = path.read_bytes()
@@ -49,14 +65,48 @@ def read_table(path: str | Path) -> pd.DataFrame:
     except UnicodeDecodeError as error:
         raise UserError(_not_utf8(path, data, error)) from None
     try:
-        return pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
+        table = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
     except pd.errors.ParserError as error:
         detail = " ".join(str(error).split())  # pandas ends it with a newline
         raise UserError(f"manifest {path} is not a well-formed CSV file: {detail}") from None
+    records = list(_records_with_lines(text))
+    header = [name.lstrip("\ufeff") for name in records[0][1]] if records else []
+    repeated = [name for name, count in Counter(header).items() if count > 1]
+    if repeated:
+        raise UserError(
+            f"manifest {path}: column(s) {', '.join(map(repr, repeated))} appear more than "
+            "once in the header (line 1); keep one of each"
+        )
+    lines = [line for line, _ in records[1:]]
+    # pandas and the csv module agree on well-formed files; if not, rows it is
+    table[LINE_COLUMN] = lines if len(lines) == len(table) else table.index + 2
+    return table
+
+
+def _records_with_lines(text: str):
+    """(the line a CSV record starts on, its fields), blank lines left out as pandas does."""
+    reader = csv.reader(io.StringIO(text))
+    end = 0
+    for record in reader:
+        if record:
+            yield end + 1, record
+        end = reader.line_num
 
 
 def _not_utf8(path: Path, data: bytes, error: UnicodeDecodeError) -> str:
     line = data[: error.start].count(b"\n") + 1
+    decoded = data.decode("utf-8", errors="replace")  # one U+FFFD per bad sequence
+    bad = decoded.count("\ufffd")
+    good_non_ascii = sum(1 for char in decoded if ord(char) > 0x7F) - bad
+    # A UTF-8 file with a damaged spot: re-encoding the whole of it from another encoding
+    # would garble every other non-ASCII character (every Chinese report).
+    if good_non_ascii > 10 * bad:
+        return (
+            f"manifest {path} is UTF-8 except for {bad} byte sequence(s) that are not "
+            f"(first: byte 0x{data[error.start]:02x} at offset {error.start}, line {line}): "
+            "retype the text there and save as UTF-8; do not convert the whole file (it "
+            "would garble the rest)"
+        )
     # Chinese Windows (and Excel there) saves GBK, where each Chinese character is two
     # bytes above 0x7f; Western text in Latin-1 has accented letters one byte at a time.
     non_ascii_runs = re.findall(rb"[\x80-\xff]+", data)
@@ -84,18 +134,23 @@ def _missing_columns(path: Path, table: pd.DataFrame, missing: list[str]) -> str
     return message
 
 
-def first_lines(mask: pd.Series) -> str:
-    """The file lines of the first rows where `mask` holds, and how many more there are."""
-    # +2: one for the header line, one because people count rows from 1.
-    rows = [str(index + 2) for index in mask[mask].index[:_ROWS_SHOWN]]
+def first_lines(mask: pd.Series, lines: pd.Series) -> str:
+    """The file lines of the first rows where `mask` holds, and how many more there are.
+
+    Args:
+        mask: one bool per row of a manifest table.
+        lines: that table's LINE_COLUMN.
+    """
+    rows = [str(lines[index]) for index in mask[mask].index[:_ROWS_SHOWN]]
     more = "" if mask.sum() <= _ROWS_SHOWN else f" (and {int(mask.sum()) - _ROWS_SHOWN} more)"
     return ", ".join(rows) + more
 
 
-def _fail(path: Path, column: str, mask: pd.Series, problem: str) -> None:
+def _fail(path: Path, table: pd.DataFrame, column: str, mask: pd.Series, problem: str) -> None:
     if mask.any():
         raise UserError(
-            f"manifest {path}, column '{column}': {problem} at line(s) {first_lines(mask)}"
+            f"manifest {path}, column '{column}': {problem} at line(s) "
+            f"{first_lines(mask, table[LINE_COLUMN])}"
         )
 
 
@@ -141,29 +196,35 @@ def load_manifest(
             or a patient (exam) with two labels.
     """
     path = Path(path)
-    table = read_table(path)
+    table = _read_file(path)
     if not labels_required and "label" not in table.columns:
         table["label"] = ""
     missing = [column for column in REQUIRED_COLUMNS if column not in table.columns]
     if missing:
-        raise UserError(_missing_columns(path, table, missing))
+        raise UserError(_missing_columns(path, table.drop(columns=LINE_COLUMN), missing))
     if table.empty:
         raise UserError(f"manifest {path} has a header but no rows")
+    notes = unify_identifiers(table, table[LINE_COLUMN])
+    table, repeated = _without_repeated_rows(table)
+    for note in [*notes, *repeated]:
+        print(f"warning: manifest {path}, {note}", file=sys.stderr)
     for column in REQUIRED_COLUMNS:
         table[column] = table[column].astype(str)
         optional = (column == "report_text" and allow_empty_reports) or (
             column == "label" and not labels_required
         )
         if not optional:
-            _fail(path, column, table[column].str.strip() == "", "empty value")
+            _fail(path, table, column, table[column].str.strip() == "", "empty value")
     if not labels_required:
         table.loc[table["label"].str.strip() == "", "label"] = ""
     unknown_label = ~table["label"].isin([*classes, *([""] if not labels_required else [])])
+    found = ", ".join(repr(label) for label in table.loc[unknown_label, "label"].unique()[:3])
     _fail(
         path,
+        table,
         "label",
         unknown_label,
-        f"label not among the configured classes {list(classes)}",
+        f"label {found} not among the configured classes {list(classes)}",
     )
     for column in OPTIONAL_COLUMNS:
         table[column] = table[column].astype(str).str.strip() if column in table else ""
@@ -172,7 +233,9 @@ def load_manifest(
         report_ids = table["report_text"].map(lambda text: text_key(text)[:12])
         default_exam = table["patient_id"] + "/" + report_ids
         table["exam_id"] = table["exam_id"].where(table["exam_id"] != "", default_exam)
-    _fail(path, "split", ~table["split"].isin(("", *SPLITS)), f"split not one of {SPLITS}")
+    _fail(
+        path, table, "split", ~table["split"].isin(("", *SPLITS)), f"split not one of {SPLITS}"
+    )
     _check_one_split_per_patient(path, table)
     # exam ids may be numbered per patient (1, 2, ...), so an exam is patient + exam id
     exams = table["patient_id"] + "/" + table["exam_id"]
@@ -190,6 +253,7 @@ def load_manifest(
         outside = ~table["image_path"].map(lambda image: _inside(_locate(path, image), root))
         _fail(
             path,
+            table,
             "image_path",
             outside,
             f"image outside the image root {root} (name a root that holds it)",
@@ -198,7 +262,11 @@ def load_manifest(
         absent = ~table["image_path"].map(lambda image: _locate(path, image).is_file())
         if not allow_missing_images:
             _fail(
-                path, "image_path", absent, f"image file not found (paths are relative to {folder})"
+                path,
+                table,
+                "image_path",
+                absent,
+                f"image file not found (paths are relative to {folder})",
             )
         identity = table["image_path"].map(lambda image: _content(_locate(path, image)))
         what = "the same image content"
@@ -215,6 +283,7 @@ def _check_one_split_per_patient(path: Path, table: pd.DataFrame) -> None:
     crossing = set(splits_per_patient[splits_per_patient > 1].index)
     _fail(
         path,
+        table,
         "split",
         table["patient_id"].isin(crossing),
         "a patient appears in more than one split",
@@ -224,6 +293,7 @@ def _check_one_split_per_patient(path: Path, table: pd.DataFrame) -> None:
     half_given = has_blank & has_given
     _fail(
         path,
+        table,
         "split",
         table["patient_id"].isin(set(half_given[half_given].index)),
         "a patient has some rows with a split and some without",
@@ -243,7 +313,7 @@ def _conflict(path: Path, table: pd.DataFrame, column: str, groups: pd.Series, p
     def described(index: int) -> str:
         row = table.loc[index]
         split = f", split {row['split']}" if row["split"] else ""
-        return f"line {index + 2} (patient {row['patient_id']}, label {row['label']}{split})"
+        return f"line {row[LINE_COLUMN]} (patient {row['patient_id']}, label {row['label']}{split})"
 
     others = len(conflicting) - 1
     raise UserError(
@@ -252,11 +322,28 @@ def _conflict(path: Path, table: pd.DataFrame, column: str, groups: pd.Series, p
     )
 
 
+def _without_repeated_rows(table: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """The table without rows that repeat an earlier row in every column (a pair counted
+    twice would weigh twice in training and in every metric), and a note if there were."""
+    repeated = table.drop(columns=LINE_COLUMN).duplicated()
+    if not repeated.any():
+        return table, []
+    note = (
+        f"{int(repeated.sum())} row(s) repeat an earlier row exactly, at line(s) "
+        f"{first_lines(repeated, table[LINE_COLUMN])}: each pair is counted once"
+    )
+    return table[~repeated].reset_index(drop=True), [note]
+
+
 def _content(image: Path) -> str:
     # Empty files all hash alike but are not one image: extraction skips them as bad input,
-    # like missing ones, so both are told apart by path.
-    present = image.is_file() and image.stat().st_size
-    return file_key(image) if present else os.path.normpath(image)
+    # like missing and unreadable ones, so these are told apart by path.
+    try:
+        if image.is_file() and image.stat().st_size:
+            return file_key(image)
+    except OSError:  # unreadable (permissions, a symlink loop): screening names it
+        pass
+    return os.path.normpath(image)
 
 
 def _root(manifest_path: Path, image_root: str | Path | None) -> Path:

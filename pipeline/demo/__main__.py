@@ -1,5 +1,8 @@
 """`python -m pipeline.demo`: generate the synthetic demo data set."""
 
+from collections.abc import Sequence
+from pathlib import Path
+
 from pipeline.cli import stage_main
 from pipeline.demo.generate import DemoConfig, run
 
@@ -22,12 +25,20 @@ EXAMPLES = """\
   python -m pipeline.demo --params params.yaml --out data/demo --seed 1
 """
 
-if __name__ == "__main__":
-    stage_main(
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    """Generate the demo with command-line arguments `argv` (default: sys.argv)."""
+    return stage_main(
         DemoConfig,
         run,
         prog="python -m pipeline.demo",
         section="demo",
         description=DESCRIPTION,
         examples=EXAMPLES,
+        argv=argv,
     )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,14 +1,13 @@
 """The demo stage: write synthetic laryngoscopy images, reports and their manifest.
 
 Output folder layout: `images/*.png`, `manifest.csv` (one row per image-report pair, image
-paths relative to the folder) and `demo_config.yaml` (the resolved settings). The manifest
-is written last, through a `.partial` file renamed into place, so a folder whose
-manifest.csv exists holds every image it names.
+paths relative to the folder) and `demo_config.yaml` (the resolved settings). The folder
+is written whole as `OUT.partial` and renamed into place (pipeline.atomic), under the
+lock `OUT.lock`, so a folder at OUT is always one complete demo.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from multiprocessing import Pool
 from pathlib import Path
@@ -16,15 +15,18 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
-from pipeline.config import require_paths, save_config, setting
+from pipeline.atomic import atomic_folder
+from pipeline.config import check_declared, require_paths, save_config, setting
 from pipeline.demo.patients import EXTERNAL_SITE, INTERNAL_SITE, Patient, plan_site
 from pipeline.demo.reports import write_report
 from pipeline.demo.scenes import render_images
 from pipeline.errors import UserError
+from pipeline.lock import output_lock
 
 MANIFEST_NAME = "manifest.csv"
 IMAGES_FOLDER = "images"
 CONFIG_NAME = "demo_config.yaml"
+OUTPUT_NAMES = (IMAGES_FOLDER, MANIFEST_NAME, CONFIG_NAME)
 MANIFEST_COLUMNS = (
     "image_path",
     "report_text",
@@ -45,29 +47,31 @@ class DemoConfig:
 
     out: str = setting("", "output folder; gets images/, manifest.csv and demo_config.yaml")
     patients: int = setting(
-        404, "internal patients (hospital_a), one exam and report each; 206/404 of them VCD"
+        404,
+        "internal patients (hospital_a), one exam and report each; 206/404 of them VCD",
+        at_least=2,
     )
     external_patients: int = setting(
-        47, "external patients (hospital_b, split 'external'; 0 for none); 22/47 of them VCD"
+        47,
+        "external patients (hospital_b, split 'external'; 0 for none); 22/47 of them VCD",
+        at_least=0,
     )
     images_per_report: int = setting(
-        14, "mean images per internal exam (at least 3 each); the external site takes fewer"
+        14,
+        "mean images per internal exam (at least 3 each); the external site takes fewer",
+        at_least=1,
     )
-    seed: int = setting(0, "random seed (0 or more); the same seed gives byte-identical files")
+    seed: int = setting(0, "random seed; the same seed gives byte-identical files", at_least=0)
+    wait_for_lock: float = setting(
+        0, "seconds to wait while another run writes the same --out (0: refuse at once)", at_least=0
+    )
 
 
 def _check(config: DemoConfig) -> None:
     require_paths(config, "out")
+    check_declared(config)  # also when called with a config made in Python
     if Path(config.out).exists() and not Path(config.out).is_dir():
         raise UserError(f"--out {config.out} is a file; give a folder (it is created if absent)")
-    if config.patients < 2:
-        raise UserError(f"--patients is {config.patients}; it must be at least 2 (one per class)")
-    if config.external_patients < 0:
-        raise UserError(f"--external-patients is {config.external_patients}; use 0 or more")
-    if config.images_per_report < 1:
-        raise UserError(f"--images-per-report is {config.images_per_report}; use 1 or more")
-    if config.seed < 0:
-        raise UserError(f"--seed is {config.seed}; seeds are 0 or more")
 
 
 def _image_paths(patient: Patient) -> list[str]:
@@ -105,12 +109,6 @@ def _manifest_rows(patients: list[Patient]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS))
 
 
-def _write_manifest(table: pd.DataFrame, path: Path) -> None:
-    partial = path.with_name(path.name + ".partial")
-    table.to_csv(partial, index=False, encoding="utf-8", lineterminator="\n")
-    os.replace(partial, path)
-
-
 def run(config: DemoConfig) -> Path:
     """Generate the demo data set described by `config`.
 
@@ -118,14 +116,18 @@ def run(config: DemoConfig) -> Path:
         The path of the written manifest.csv.
 
     Raises:
-        UserError: no output folder (or a file in its place), or counts out of range.
+        UserError: no output folder (or a file in its place, or a folder holding other
+            files), counts out of range, or another run writing the same folder.
     """
     _check(config)
     out = Path(config.out)
-    manifest_path = out / MANIFEST_NAME
-    # An old manifest must not survive next to images this run is replacing.
-    manifest_path.unlink(missing_ok=True)
-    (out / IMAGES_FOLDER).mkdir(parents=True, exist_ok=True)
+    with output_lock(out, config.wait_for_lock), atomic_folder(out, OUTPUT_NAMES) as staging:
+        _generate(config, staging)
+    return out / MANIFEST_NAME
+
+
+def _generate(config: DemoConfig, out: Path) -> None:
+    (out / IMAGES_FOLDER).mkdir()
     patients = plan_site(INTERNAL_SITE, config.patients, config.images_per_report, config.seed)
     patients += plan_site(
         EXTERNAL_SITE, config.external_patients, config.images_per_report, config.seed
@@ -141,5 +143,4 @@ def run(config: DemoConfig) -> Path:
         for rendered in pool.imap_unordered(_render_patient, jobs, chunksize=4):
             progress.update(rendered)
     save_config(config, out / CONFIG_NAME)
-    _write_manifest(table, manifest_path)
-    return manifest_path
+    table.to_csv(out / MANIFEST_NAME, index=False, encoding="utf-8", lineterminator="\n")

@@ -51,8 +51,11 @@ def test_crash_while_writing_leaves_no_complete_looking_file(tmp_path, monkeypat
     with pytest.raises(RuntimeError):
         write_features(target, example())
     assert target.read_bytes() == before  # the old complete file is untouched
+    assert not (tmp_path / "f.h5.partial").exists()  # built in memory: nothing half-written
+    with h5py.File(target, "a") as handle:  # as a writer that stopped before marking it
+        handle.attrs["complete"] = False
     with pytest.raises(UserError, match="not completely written"):
-        read_features(tmp_path / "f.h5.partial")
+        read_features(target)
 
 
 def test_newer_format_version_says_upgrade(tmp_path):
@@ -147,3 +150,19 @@ def test_keys_and_vectors_of_different_lengths_are_a_damaged_file(tmp_path):
     _with_vectors(path, np.zeros((3, 2), dtype=np.float32))
     with pytest.raises(UserError, match=r"f\.h5 is damaged \(vectors must be"):
         read_features(path)
+
+
+@pytest.mark.parametrize("kept", [0.3, 0.6, 0.9, 0.99])
+def test_a_file_cut_short_is_one_line_naming_the_file_and_the_rerun(tmp_path, kept):
+    whole = write_features(tmp_path / "f.h5", example()).read_bytes()
+    cut = tmp_path / "cut.h5"
+    cut.write_bytes(whole[: int(len(whole) * kept)])
+    with pytest.raises(UserError) as refused:
+        read_features(cut)
+    assert str(refused.value).startswith(f"{cut} ")
+    assert "re-run extraction" in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_a_folder_given_as_a_feature_file_is_named_a_folder(tmp_path):
+    with pytest.raises(UserError, match=f"feature file {tmp_path} is a folder; give the .h5"):
+        read_features(tmp_path)

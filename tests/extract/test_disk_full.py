@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-import cache.atomic
+import pipeline.atomic
 from cache.store import read_features
 from extract.__main__ import main
 from extract.run import ExtractConfig, run
+from pipeline.demo import generate as demo
 from pipeline.errors import UserError
 
 DISK_BYTES = 1 << 20  # tmpfs size: room for the tiny model's file and its parts
@@ -92,7 +95,7 @@ def test_a_really_full_disk_keeps_the_old_file_and_the_rerun_completes(
 
 
 def _failing_fsync(fails: Callable[[Path], bool]) -> Callable[[Path], None]:
-    real = cache.atomic._fsync
+    real = pipeline.atomic._fsync
 
     def fsync(path: Path) -> None:
         if fails(path):
@@ -113,7 +116,7 @@ def test_no_space_for_the_feature_file_keeps_the_old_one_and_the_parts(
     grown = write_manifest(small_table.iloc[:5])  # one new image
 
     monkeypatch.setattr(
-        cache.atomic, "_fsync", _failing_fsync(lambda path: path.name == "image.h5.partial")
+        pipeline.atomic, "_fsync", _failing_fsync(lambda path: path.name == "image.h5.partial")
     )
     with pytest.raises(UserError, match=f"cannot write {out}: no space left on device"):
         run(_config(grown, out))
@@ -130,7 +133,7 @@ def test_no_space_for_a_part_stops_with_one_line_and_no_temporary_file(
     manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(
-        cache.atomic, "_fsync", _failing_fsync(lambda path: path.parent.name == "image.h5.parts")
+        pipeline.atomic, "_fsync", _failing_fsync(lambda path: path.parent.name == "image.h5.parts")
     )
     with pytest.raises(UserError, match="no space left on device"):
         run(_config(manifest, tmp_path / "image.h5"))
@@ -148,3 +151,55 @@ def test_a_read_only_output_folder_is_one_line(
     assert capsys.readouterr().err == (
         f"error: cannot create the lock file {small_disk / 't.h5.lock'}: Read-only file system\n"
     )
+
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+UNSHARE = shutil.which("unshare")
+
+
+def _can_mount_in_a_user_namespace() -> bool:
+    if UNSHARE is None:
+        return False
+    probe = subprocess.run(
+        [UNSHARE, "-Urm", "sh", "-c", "mount -t tmpfs tmpfs /mnt"], capture_output=True
+    )
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(
+    not _can_mount_in_a_user_namespace(),
+    reason="needs `unshare -Urm` (user and mount namespaces) to mount a private small tmpfs",
+)
+def test_a_disk_that_fills_while_parts_are_written_is_one_line_not_a_crash(
+    tmp_path: Path,
+) -> None:
+    manifest = demo.run(
+        demo.DemoConfig(
+            out=str(tmp_path / "demo"), patients=6, external_patients=0, images_per_report=3
+        )
+    )
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    # 100 KB fills while this demo's 26 parts are written; at that size the full disk met
+    # h5py flushing a part from a destructor, and the process died with a segmentation
+    # fault (exit 139) every time.
+    script = (
+        f'mount -t tmpfs -o size=100k tmpfs "$1" && shift && exec "{sys.executable}" '
+        '-m extract "$@"'
+    )
+    extract = [
+        *("--model", "blip2-qformer", "--batch-size", "1", "--num-workers", "0"),
+        *("--manifest", str(manifest), "--out", str(disk / "image.h5")),
+    ]
+    finished = subprocess.run(
+        [UNSHARE, "-Urm", "sh", "-c", script, "sh", str(disk), *extract],
+        cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        capture_output=True,
+        text=True,
+    )
+    assert finished.returncode == 2, finished.stderr[-2000:]
+    assert "Traceback" not in finished.stderr
+    message = finished.stderr.splitlines()[-1]
+    assert message.startswith(f"error: cannot write {disk / 'image.h5.parts'}")
+    assert "no space left on device" in message and "run the same command again" in message

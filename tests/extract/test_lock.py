@@ -14,11 +14,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from cache.lock import lock_path, output_lock
 from cache.store import read_features
 from extract.__main__ import main
 from extract.run import ExtractConfig, run
 from pipeline.errors import UserError
+from pipeline.lock import lock_path, output_lock
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -37,7 +37,7 @@ def _config(manifest: Path, out: Path, **overrides) -> ExtractConfig:
 def _hold_lock(out: Path) -> subprocess.Popen:
     """Another process holding the lock of `out` until it is killed."""
     script = (
-        "import sys, time; from pathlib import Path; from cache.lock import output_lock\n"
+        "import sys, time; from pathlib import Path; from pipeline.lock import output_lock\n"
         "with output_lock(Path(sys.argv[1])):\n"
         "    print('locked', flush=True); time.sleep(600)\n"
     )

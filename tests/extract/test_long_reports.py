@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 
+import pandas as pd
 import pytest
 import torch
 
+from extract import run as extract_run
 from extract.encoders import Encoder
 from extract.loaders import load_encoder
 from extract.registry import get_spec
@@ -107,3 +109,34 @@ def test_long_reports_settings_are_checked(name, pooling, preprocessing, message
     )
     with pytest.raises(UserError, match=message):
         load_encoder(spec, "tiny", CPU, torch.float32)
+
+
+def test_the_console_names_truncated_reports_and_the_setting_that_keeps_them_whole(
+    tmp_path, monkeypatch, capsys
+):
+    real_load = extract_run.load_encoder
+
+    def load_short(spec, *args):
+        short = {**spec.preprocessing, "max_length": MAX_LENGTH}
+        return real_load(dataclasses.replace(spec, preprocessing=short), *args)
+
+    monkeypatch.setattr(extract_run, "load_encoder", load_short)
+    manifest = tmp_path / "manifest.csv"
+    pd.DataFrame(
+        {
+            "image_path": ["a.png", "b.png"],
+            "report_text": [HEAD + "，累及前联合。", SHORT],
+            "label": ["GC", "VCD"],
+            "patient_id": ["1", "2"],
+        }
+    ).to_csv(manifest, index=False)
+    config = extract_run.ExtractConfig(
+        model="llama3", manifest=str(manifest), out=str(tmp_path / "text.h5")
+    )
+    extract_run.run(config)
+    warning = capsys.readouterr().err
+    assert (
+        f"warning: 1 report(s) are longer than llama3's {MAX_LENGTH} tokens and were "
+        f"truncated to their first {MAX_LENGTH} (first: {HEAD[:20]}" in warning
+    )
+    assert "preprocessing.long_reports: windows in a --registry file" in warning

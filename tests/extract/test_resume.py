@@ -14,9 +14,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cache.fault_hook import ENVIRONMENT_VARIABLE
 from cache.store import FeatureSet, read_features
 from extract.run import ExtractConfig, run
+from pipeline.fault_hook import ENVIRONMENT_VARIABLE
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 IMAGES = 4  # unique image contents of the manifest below; batch size 1: one part each

@@ -14,6 +14,7 @@ from cache.store import read_features
 from extract.__main__ import main
 from extract.registry import get_spec
 from extract.run import ExtractConfig, run
+from pipeline.errors import UserError
 from pipeline.keys import file_key, normalise_text, text_key
 
 BAD_IMAGES = {
@@ -69,7 +70,9 @@ def test_pairs_with_a_bad_half_are_skipped(manifest: Path, tmp_path: Path) -> No
     bad_report = "声门下\x07可见新生物。"
     assert features.skipped == {
         **BAD_IMAGES,
-        f"{text_key(bad_report)} {normalise_text(bad_report)}": "control characters",
+        f"{text_key(bad_report)} {normalise_text(bad_report)}".replace("\x07", "\\x07"): (
+            "control characters"
+        ),
     }
     assert len(features.keys) == 5  # the five good rows, each a distinct pair
 
@@ -137,3 +140,46 @@ def test_empty_reports_are_skipped_or_refused_with_strict(
               "--out", str(tmp_path / "strict.h5")])  # fmt: skip
     assert exited.value.code == 2
     assert "column 'report_text': empty value at line(s) 3, 4" in capsys.readouterr().err
+
+
+def test_a_report_with_a_nul_byte_is_recorded_escaped(manifest: Path, tmp_path: Path) -> None:
+    table = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    table.loc[len(table)] = ["images/c.png", "声带\x00白斑", "GC", "p3"]
+    table.to_csv(manifest, index=False)
+    features = read_features(run(_config("llama3", manifest, tmp_path / "text.h5")))
+    nul = text_key("声带\x00白斑") + " 声带\\x00白斑"
+    assert features.skipped[nul] == "control characters"
+    assert len(features.skipped) == 2
+
+
+def test_a_manifest_of_only_bad_reports_is_one_line(
+    small_table: pd.DataFrame, write_manifest: Callable[[pd.DataFrame], Path], tmp_path: Path
+) -> None:
+    table = small_table.assign(report_text="声门\x07下")
+    with pytest.raises(UserError, match="nothing to encode, every text item is bad: 1 bad item"):
+        run(_config("llama3", write_manifest(table), tmp_path / "text.h5"))
+
+
+def test_unreadable_images_and_symlink_loops_are_skipped_with_their_reason(
+    small_table: pd.DataFrame,
+    write_manifest: Callable[[pd.DataFrame], Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    loop = tmp_path / "images" / "loop.png"
+    loop.symlink_to(loop)
+    locked = tmp_path / "images" / "b.png"
+    real_open = Path.open
+
+    def open_unless_locked(path: Path, *args, **kwargs):
+        if path == locked:  # as a file of another user, mode 600 (tests run as root)
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", open_unless_locked)
+    rows = pd.DataFrame(
+        {"image_path": ["images/loop.png"], "report_text": ["x"], "label": ["GC"]}
+    ).assign(patient_id="p9")
+    manifest = write_manifest(pd.concat([small_table.iloc[:3], rows], ignore_index=True))
+    features = read_features(run(_config("blip2-qformer", manifest, tmp_path / "image.h5")))
+    assert features.skipped == {"images/b.png": "unreadable", "images/loop.png": "symlink loop"}

@@ -31,8 +31,8 @@ def config_for(files, out: Path, **overrides) -> ProtocolConfig:
 
 
 def test_predictions_table_holds_every_row_model_head_and_trial(synthetic_cache, tmp_path):
-    result = run(config_for(synthetic_cache, tmp_path))
-    table = pd.read_parquet(tmp_path / PREDICTIONS_FILE)
+    result = run(config_for(synthetic_cache, tmp_path / "p"))
+    table = pd.read_parquet(tmp_path / "p" / PREDICTIONS_FILE)
     manifest = pd.read_csv(synthetic_cache["manifest"])
     assert len(table) == len(manifest) * 3 * 2 * 2  # models x heads x trials
     assert {
@@ -50,7 +50,7 @@ def test_predictions_table_holds_every_row_model_head_and_trial(synthetic_cache,
         "prob_GC",
     } <= set(table.columns)
     np.testing.assert_allclose(table["prob_VCD"] + table["prob_GC"], 1.0, atol=1e-5)
-    runs = json.loads((tmp_path / RUNS_FILE).read_text())
+    runs = json.loads((tmp_path / "p" / RUNS_FILE).read_text())
     assert runs == json.loads(json.dumps(result, default=str))
     assert len(runs["runs"]) == 3 * 2 * 2 and {r["seed"] for r in runs["runs"]} == {0, 1}
     assert "frozen-feature" in runs["note"]
@@ -64,8 +64,12 @@ def test_predictions_table_holds_every_row_model_head_and_trial(synthetic_cache,
 
 @pytest.mark.parametrize("mode", ["redraw", "fixed", "kfold"])
 def test_no_patient_is_in_two_splits_of_any_trial_or_fold(synthetic_cache, tmp_path, mode):
-    run(config_for(synthetic_cache, tmp_path, split=mode, folds=3, models=("M1",), probes=False))
-    table = pd.read_parquet(tmp_path / PREDICTIONS_FILE)
+    run(
+        config_for(
+            synthetic_cache, tmp_path / "p", split=mode, folds=3, models=("M1",), probes=False
+        )
+    )
+    table = pd.read_parquet(tmp_path / "p" / PREDICTIONS_FILE)
     per_patient = table.groupby(["trial", "fold", "patient_id"])["split"].nunique()
     assert (per_patient == 1).all()
     internal = table[table["split"] != "external"]
@@ -123,7 +127,9 @@ def test_test_rows_do_not_change_what_the_heads_learn(synthetic_cache, tmp_path)
 
 
 def test_learning_rate_search_picks_on_validation_and_records_it(synthetic_cache, tmp_path):
-    result = run(config_for(synthetic_cache, tmp_path, models=("M2",), learning_rates=(1e-7, 1e-2)))
+    result = run(
+        config_for(synthetic_cache, tmp_path / "p", models=("M2",), learning_rates=(1e-7, 1e-2))
+    )
     tried = result["learning_rate_search"]["M2"]
     assert [entry["learning_rate"] for entry in tried] == [1e-7, 1e-2]
     assert {r["learning_rate"] for r in result["runs"] if r["head"] == "head"} == {1e-2}
@@ -133,7 +139,7 @@ def test_missing_features_and_other_data_are_refused(synthetic_cache, tmp_path):
     with pytest.raises(
         UserError, match="no feature file holds image features of encoder blip2-vit"
     ):
-        run(config_for(synthetic_cache, tmp_path, models=("M3",)))
+        run(config_for(synthetic_cache, tmp_path / "p", models=("M3",)))
     manifest = pd.read_csv(synthetic_cache["manifest"], dtype=str, keep_default_na=False)
     manifest.loc[0, "image_path"] = "images/other.png"
     manifest.to_csv(synthetic_cache["manifest"], index=False)
@@ -242,10 +248,10 @@ def test_plan_trials_kfold_needs_enough_patients(synthetic_cache):
 
 def test_patience_reaches_every_head_and_its_record(synthetic_cache, tmp_path):
     config = config_for(
-        synthetic_cache, tmp_path, epochs=60, patience=3, learning_rate=0.05, probes=False
+        synthetic_cache, tmp_path / "p", epochs=60, patience=3, learning_rate=0.05, probes=False
     )
     runs = run(config)["runs"]
-    curves = pd.read_csv(tmp_path / "training_curves.csv")
+    curves = pd.read_csv(tmp_path / "p" / "training_curves.csv")
     for record in runs:
         trained = curves[
             (curves["model"] == record["model"]) & (curves["trial"] == record["trial"])

@@ -10,6 +10,8 @@ from PIL import Image
 from pipeline.demo import DemoConfig, run
 from pipeline.demo.patients import INTERNAL_SITE, plan_site
 from pipeline.demo.scenes import CAMERAS
+from pipeline.errors import UserError
+from pipeline.lock import output_lock
 from pipeline.manifest import load_manifest
 from pipeline.metrics import roc_auc
 
@@ -124,7 +126,7 @@ def test_cli_writes_a_manifest(tmp_path):
     [
         (["--patients", "abc"], "invalid int value"),
         (["--patients", "1"], "at least 2"),
-        (["--seed", "-1"], "0 or more"),
+        (["--seed", "-1"], "--seed is -1; it must be at least 0"),
     ],
     ids=["not-a-number", "too-few-patients", "negative-seed"],
 )
@@ -137,3 +139,16 @@ def test_cli_rejects_bad_input_with_exit_code_2(flags, message, tmp_path):
 def test_cli_requires_out():
     result = run_cli("--patients", "8")
     assert result.returncode == 2 and "--out" in result.stderr
+
+
+def test_a_rerun_replaces_the_folder_whole_under_a_lock(tmp_path):
+    out = tmp_path / "demo"
+    tiny = {"patients": 4, "external_patients": 0, "images_per_report": 1}
+    run(DemoConfig(out=str(out), **tiny))
+    stale = out / "images" / "left-by-a-larger-run.png"
+    stale.write_bytes(b"")
+    run(DemoConfig(out=str(out), **tiny))
+    assert not stale.exists()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["demo"]
+    with output_lock(out), pytest.raises(UserError, match="is being written by another run"):
+        run(DemoConfig(out=str(out), **tiny))

@@ -70,10 +70,12 @@ def test_missing_image_is_reported_unless_images_are_not_needed(tmp_path):
         load_manifest(path, CLASSES, allow_missing_images=True)
 
 
-def test_unknown_label(tmp_path):
+def test_unknown_label_shows_the_value_found(tmp_path):
     rows = good_rows()
-    rows[0]["label"] = "cancer"
-    with pytest.raises(UserError, match="'label': label not among the configured classes"):
+    rows[0]["label"] = "GC "  # looks like GC
+    with pytest.raises(
+        UserError, match=r"'label': label 'GC ' not among the configured classes .* line\(s\) 2$"
+    ):
         load_manifest(write_manifest(tmp_path, rows), CLASSES)
 
 
@@ -232,3 +234,75 @@ def test_empty_image_files_are_not_one_image(tmp_path):
     for name in ("0.png", "3.png"):
         (tmp_path / "images" / name).write_bytes(b"")  # extraction skips them as zero-byte
     assert len(load_manifest(path, CLASSES)) == 4
+
+
+def _patients_of_one_report(tmp_path, first: str, second: str, capsys) -> tuple[list, str]:
+    rows = good_rows()[:2]  # one report, two images
+    rows[0]["patient_id"], rows[1]["patient_id"] = first, second
+    rows[0]["split"], rows[1]["split"] = "train", "test"
+    try:
+        table = load_manifest(write_manifest(tmp_path, rows), CLASSES)
+    except UserError as error:
+        return [], str(error)
+    return list(table["patient_id"]), capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "kept"),
+    [("A0001", "A0001 ", "A0001"), ("007", "7", "007"), ("Ａ0001", "A0001", "Ａ0001")],
+    ids=["trailing-space", "leading-zeros", "full-width"],
+)
+def test_one_patient_spelled_two_ways_is_one_patient(tmp_path, capsys, first, second, kept):
+    # One patient in train and in test: the split check must see one patient and refuse.
+    _, message = _patients_of_one_report(tmp_path, first, second, capsys)
+    assert "a patient appears in more than one split at line(s) 2, 3" in message
+    rows = good_rows()[:2]
+    rows[0]["patient_id"], rows[1]["patient_id"] = first, second
+    table = load_manifest(write_manifest(tmp_path, rows), CLASSES)
+    assert list(table["patient_id"]) == [kept, kept]  # the file's first spelling
+    warning = capsys.readouterr().err
+    assert f"column 'patient_id': {second!r} (line 3) is taken as {first!r} (line 2)" in warning
+
+
+def test_ids_differing_in_case_under_one_report_are_a_warning(tmp_path, capsys):
+    rows = good_rows()[:2]
+    rows[0]["patient_id"], rows[1]["patient_id"] = "A-0001", "a0001"
+    table = load_manifest(write_manifest(tmp_path, rows), CLASSES)
+    assert table["patient_id"].nunique() == 2  # kept apart: they may be two patients
+    assert (
+        "one report is under patients 'A-0001' (line 2) and 'a0001' (line 3), which differ "
+        "only in case or punctuation" in capsys.readouterr().err
+    )
+
+
+def test_line_numbers_count_file_lines_when_a_report_spans_lines(tmp_path):
+    rows = good_rows()
+    rows[0]["report_text"] = "第一行\n第二行\n第三行"  # lines 2-4 of the file
+    rows[2]["label"] = "GC "
+    with pytest.raises(UserError, match=r"line\(s\) 6$"):
+        load_manifest(write_manifest(tmp_path, rows), CLASSES)
+
+
+def test_utf8_with_one_bad_byte_is_not_called_another_encoding(tmp_path):
+    path = tmp_path / "manifest.csv"
+    header = "image_path,report_text,label,patient_id\n"
+    good = "".join(f"images/{i}.png,左侧声带白斑{i},GC,{i}\n" for i in range(3))
+    path.write_bytes((header + good).encode() + b"images/x.png,\xff,GC,9\n")
+    message = one_line_error(path, check_images=False)
+    assert "is UTF-8 except for 1 byte sequence(s) that are not (first: byte 0xff" in message
+    assert "line 5" in message and "iconv" not in message
+
+
+def test_a_repeated_column_header_is_refused(tmp_path):
+    path = tmp_path / "manifest.csv"
+    path.write_text("image_path,report_text,label,patient_id,label\na.png,x,GC,1,VCD\n")
+    message = one_line_error(path, check_images=False)
+    assert "column(s) 'label' appear more than once in the header (line 1)" in message
+
+
+def test_exact_repeated_rows_are_counted_once_with_a_warning(tmp_path, capsys):
+    rows = good_rows()
+    path = write_manifest(tmp_path, [*rows, rows[1]])
+    table = load_manifest(path, CLASSES)
+    assert len(table) == 4
+    assert "1 row(s) repeat an earlier row exactly, at line(s) 6" in capsys.readouterr().err

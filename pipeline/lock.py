@@ -1,4 +1,4 @@
-"""One writer per output file: an exclusive `fcntl.flock` on FILE.lock beside it.
+"""One writer per output (a file or a folder): an exclusive `fcntl.flock` on OUT.lock beside it.
 
 The kernel drops a flock when its holder exits, however it exits (even SIGKILL), so a
 lock left by a dead run never blocks the next one. The file records who holds it (host,
@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from pipeline.errors import UserError
@@ -27,7 +27,7 @@ _POLL_SECONDS = 0.2
 
 
 def lock_path(target: Path) -> Path:
-    """The lock file of an output file."""
+    """The lock file of an output file or folder."""
     return target.with_name(target.name + LOCK_SUFFIX)
 
 
@@ -67,7 +67,7 @@ def _sign(descriptor: int) -> None:
     holder = {
         "host": socket.gethostname(),
         "pid": os.getpid(),
-        "started_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "started_utc": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),
     }
     with suppress(OSError):
@@ -80,7 +80,7 @@ def output_lock(target: Path, wait_seconds: float = 0) -> Iterator[None]:
     """Hold the lock of `target` for the duration of the block.
 
     Args:
-        target: the output file.
+        target: the output file or folder.
         wait_seconds: how long to wait for another holder to finish; 0 refuses at once.
 
     Raises:
