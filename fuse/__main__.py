@@ -24,9 +24,15 @@ PROTOCOL_EXAMPLES = """\
 """
 
 REPORT_DESCRIPTION = """\
-Make the paper's tables (mean (SD) over trials, patient-bootstrap 95% CIs, DeLong and
-paired-trial p-values against M4), ROC plots of every model per set and training curves
-from a protocol's predictions table. Trains nothing."""
+From a protocol's predictions table alone (it trains nothing): the paper's Tables 2-4 at
+image level (mean (SD) over trials, patient-bootstrap 95 percent CIs, a paired-trials p on
+the same per-trial AUCs), ROC plots per set, training curves, and every analysis of
+fuse/analyses: the metrics at image, exam and patient level; M4 against each model per
+level (both AUCs, their difference with a paired patient-bootstrap CI, the p-value of that
+level, and where levels change the order); calibration (ECE, reliability diagrams, before
+and after recalibration fitted on validation); operating points for a target sensitivity
+and specificity chosen on validation; decision curves; heads whose kept epoch was decided
+by the warm-up. Writes tables.md, tables.json, analyses/*.csv, plots/*.png, metrics/."""
 
 REPORT_EXAMPLES = """\
   python -m fuse report --protocol reports/protocol --out reports
