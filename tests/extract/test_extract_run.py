@@ -154,8 +154,9 @@ def test_hub_weights_not_cached_fail_naming_the_hub_id(
     assert not (tmp_path / "f.h5").exists()
 
 
-def _without_label(table: pd.DataFrame) -> pd.DataFrame:
-    return table.drop(columns="label")
+def _without_patient(table: pd.DataFrame) -> pd.DataFrame:
+    # not the label: encoders never read it, so data without labels can be extracted
+    return table.drop(columns="patient_id")
 
 
 def _with_empty_report(table: pd.DataFrame) -> pd.DataFrame:
@@ -169,7 +170,7 @@ def _with_missing_image(table: pd.DataFrame) -> pd.DataFrame:
 @pytest.mark.parametrize(
     ("model", "break_manifest", "expected"),
     [
-        ("llama3", _without_label, "missing column(s) label"),
+        ("llama3", _without_patient, "missing column(s) patient_id"),
         ("llama3", _with_empty_report, "column 'report_text': empty value"),
         ("blip2-qformer", _with_missing_image, "column 'image_path': image file not found"),
     ],
