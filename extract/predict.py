@@ -23,8 +23,8 @@ import pandas as pd
 
 from extract.run import ExtractConfig
 from extract.run import run as extract_run
-from fuse.head import CENTRING, KINDS, FeatureSource
-from fuse.predict import OPERATING_POINTS, PredictConfig, load_heads
+from fuse.head import CENTRING, FeatureSource
+from fuse.predict import DecisionSettings, PredictConfig, load_heads
 from fuse.predict import run as predict_run
 from pipeline.cli import stage_main
 from pipeline.config import require_paths, setting
@@ -49,12 +49,9 @@ EXAMPLES = """\
 
 
 @dataclass(frozen=True)
-class ExamConfig:
+class ExamConfig(DecisionSettings):
     """One exam, the head that decides, and where the encoders' weights are."""
 
-    head: tuple[str, ...] = setting(
-        (), "saved head (NAME.json) or a folder of one model's heads (an ensemble)"
-    )
     images: tuple[str, ...] = setting((), "the exam's image files")
     report: str = setting("", "the exam's report text")
     report_file: str = setting("", "a UTF-8 file holding the report (instead of --report)")
@@ -66,12 +63,6 @@ class ExamConfig:
         "where the encoders' weights are: one value for every encoder (tiny, hub or a "
         "FOLDER) or ENCODER=VALUE per encoder; empty: what extraction recorded",
     )
-    kind: str = setting("head", "in head folders, which kind to use", choices=KINDS)
-    operating_point: str = setting(
-        "youden",
-        "; ".join(f"{name}: {meaning}" for name, meaning in OPERATING_POINTS.items()),
-        choices=tuple(OPERATING_POINTS),
-    )
     centring: str = setting(
         "stored",
         "a batch of one exam cannot centre itself, so: stored: "
@@ -80,7 +71,6 @@ class ExamConfig:
         choices=("stored", "none"),
     )
     device: str = setting("auto", "where the encoders run: auto, cpu, cuda or cuda:N")
-    json: bool = setting(False, "print one JSON document instead of text")
 
 
 def _report(config: ExamConfig) -> str:

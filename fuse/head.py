@@ -203,9 +203,10 @@ class FittedHead:
             self.probe_ = fit_probe(ready, labels, train_rows, val_rows, seed)
             self.training_ = {"probe_c": self.probe_.c, "probe_val_loss": self.probe_.val_loss}
             self.history_ = []
-        val = val_rows.numpy()
-        val_scores = self._probabilities(ready)[val, -1]
-        val_labels = labels.numpy()[val]
+        # Scored as the table scores them (all rows at once), so the thresholds are cuts on
+        # exactly the numbers the table holds.
+        val_scores = self._probabilities(ready)[val_rows.numpy(), -1]
+        val_labels = labels[val_rows].numpy()
         self.thresholds_ = {
             "youden": choose_threshold(val_labels, val_scores),
             "0.5": 0.5,

@@ -38,25 +38,32 @@ IMAGE_COLUMNS = ("image_path", "patient_id", "exam_id", "site", "label")
 
 
 @dataclass(frozen=True)
-class PredictConfig:
-    """Which heads, which rows, and how to decide."""
+class DecisionSettings:
+    """Which heads decide, at which operating point, and how the answer is printed."""
 
     head: tuple[str, ...] = setting(
         (),
         "saved heads: NAME.json files, or folders whose *-KIND.json heads form an ensemble "
         "(their probabilities and thresholds averaged), e.g. models/M4 for every trial's head",
     )
-    manifest: str = setting("", "manifest CSV/Parquet of the exams to score; labels optional")
-    features: tuple[str, ...] = setting(
-        (), "feature files of that manifest from the head's encoders (python -m extract)"
-    )
-    out: str = setting("", "CSV file for the per-image table (empty: print only)")
     kind: str = setting("head", "in head folders, which kind to use", choices=KINDS)
     operating_point: str = setting(
         "youden",
         "; ".join(f"{name}: {meaning}" for name, meaning in OPERATING_POINTS.items()),
         choices=tuple(OPERATING_POINTS),
     )
+    json: bool = setting(False, "print one JSON document instead of text (for machines)")
+
+
+@dataclass(frozen=True)
+class PredictConfig(DecisionSettings):
+    """Which heads, which rows, and how to decide."""
+
+    manifest: str = setting("", "manifest CSV/Parquet of the exams to score; labels optional")
+    features: tuple[str, ...] = setting(
+        (), "feature files of that manifest from the head's encoders (python -m extract)"
+    )
+    out: str = setting("", "CSV file for the per-image table (empty: print only)")
     centring: str = setting(
         "stored",
         "; ".join(f"{name}: {meaning}" for name, meaning in CENTRING.items()),
@@ -67,7 +74,6 @@ class PredictConfig:
         "; ".join(f"{name}: {meaning}" for name, meaning in EXAM_AGGREGATES.items()),
         choices=tuple(EXAM_AGGREGATES),
     )
-    json: bool = setting(False, "print one JSON document instead of text (for machines)")
     image_root: str = setting(
         "", "folder the manifest's images may lie in (see python -m fuse protocol --help)"
     )
