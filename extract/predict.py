@@ -55,6 +55,8 @@ class ExamConfig(DecisionSettings):
     images: tuple[str, ...] = setting((), "the exam's image files")
     report: str = setting("", "the exam's report text")
     report_file: str = setting("", "a UTF-8 file holding the report (instead of --report)")
+    patient_id: str = setting("?", "the patient's id, only echoed in the output")
+    exam_id: str = setting("?", "the exam's id, only echoed in the output")
     site: str = setting(
         "", "the exam's site: an external site the protocol saw gets its stored centring"
     )
@@ -151,8 +153,8 @@ def run(config: ExamConfig) -> dict[str, Any]:
                 "image_path": [os.path.abspath(image) for image in config.images],
                 "report_text": report,
                 "label": "",
-                "patient_id": "exam",
-                "exam_id": "exam",
+                "patient_id": config.patient_id,
+                "exam_id": config.exam_id,
                 "split": "external" if config.site else "",
                 "site": config.site,
             }
