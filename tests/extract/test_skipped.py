@@ -164,19 +164,11 @@ def test_unreadable_images_and_symlink_loops_are_skipped_with_their_reason(
     small_table: pd.DataFrame,
     write_manifest: Callable[[pd.DataFrame], Path],
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    deny_reading: Callable[[Path], None],
 ) -> None:
     loop = tmp_path / "images" / "loop.png"
     loop.symlink_to(loop)
-    locked = tmp_path / "images" / "b.png"
-    real_open = Path.open
-
-    def open_unless_locked(path: Path, *args, **kwargs):
-        if path == locked:  # as a file of another user, mode 600 (tests run as root)
-            raise PermissionError(13, "Permission denied", str(path))
-        return real_open(path, *args, **kwargs)
-
-    monkeypatch.setattr(Path, "open", open_unless_locked)
+    deny_reading(tmp_path / "images" / "b.png")
     rows = pd.DataFrame(
         {"image_path": ["images/loop.png"], "report_text": ["x"], "label": ["GC"]}
     ).assign(patient_id="p9")

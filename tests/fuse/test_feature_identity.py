@@ -103,16 +103,8 @@ def test_images_outside_the_image_root_are_not_read(study, tmp_path):
     assert len(load(study, image_root=elsewhere).table) == 12
 
 
-def test_an_unreadable_image_is_checked_by_path_not_a_traceback(study, monkeypatch):
-    locked = study["folder"] / "images" / "p1_0.png"
-    real_open = Path.open
-
-    def open_unless_locked(path: Path, *args, **kwargs):
-        if path == locked:  # as a file of another user, mode 600 (tests run as root)
-            raise PermissionError(13, "Permission denied", str(path))
-        return real_open(path, *args, **kwargs)
-
-    monkeypatch.setattr(Path, "open", open_unless_locked)
+def test_an_unreadable_image_is_checked_by_path_not_a_traceback(study, deny_reading):
+    deny_reading(study["folder"] / "images" / "p1_0.png")
     # Not readable, the image is trusted through the identical manifest, as if absent.
     assert len(load(study).table) == 12
 
