@@ -229,7 +229,7 @@ class FittedHead:
         seed: int,
     ) -> TrainedHead:
         torch.manual_seed(seed)
-        network = self._network([len(source_mean) for source_mean in self.train_mean_])
+        network = self._network([source.width for source in self.sources_])
         groups = report_groups if report_groups is not None else torch.arange(len(labels))
         return train_head(
             network, inputs, labels, groups, train_rows, val_rows, self.settings, seed

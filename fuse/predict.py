@@ -117,11 +117,12 @@ def describe_heads(heads: Sequence[FittedHead]) -> str:
 
 def _row_sites(table: pd.DataFrame, head: FittedHead, centring: str) -> list[str | None]:
     """Which rows a head centres, by site: a stored site's rows unless the site also trained
-    the head and the row is not marked external; for a batch, every non-training site."""
+    the head and the row is not marked external; for a batch, every site (the head leaves
+    its training sites out)."""
     sites = table["site"].tolist()
     external = (table["split"] == "external").tolist()
     if centring == "batch":
-        return [site if site not in head.training_sites_ else None for site in sites]
+        return sites
     return [
         site
         if site in head.site_shifts_ and (is_external or site not in head.training_sites_)
