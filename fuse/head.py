@@ -16,6 +16,7 @@ the loader checks.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import sys
 from collections.abc import Mapping, Sequence
@@ -323,6 +324,38 @@ class FittedHead:
             if (site_array == site).any()
         }
         return _shifted(standardised, rows_of_site, shifts)
+
+    def probabilities_of_prepared(self, prepared: Sequence[torch.Tensor]) -> np.ndarray:
+        """Class probabilities [rows, classes] of inputs already `prepared`: for analyses
+        that change the head's own inputs (occlusion, swapped reports)."""
+        self._check_fitted()
+        return self._probabilities(prepared)
+
+    def attribution_shares(self, prepared: Sequence[torch.Tensor]) -> np.ndarray:
+        """Each input's share [rows, inputs] of the positive log-odds, gradient x input on
+        the vector the classifier reads (the probe: its weights x its inputs), summed per
+        input; shares are absolute values normalised to sum to 1 per row."""
+        self._check_fitted()
+        if self.kind == "head":
+            parts = [
+                part.detach().requires_grad_(True)
+                for part in self.network_.eval().fused_parts([x.float() for x in prepared])
+            ]
+            logits = self.network_.classifier(torch.cat(parts, dim=-1))
+            (logits[:, -1] - logits[:, 0]).sum().backward()
+            sums = torch.stack([(part.grad * part).sum(dim=1) for part in parts], dim=1)
+            contributions = sums.detach().numpy()
+        else:
+            coef = self.probe_.coef
+            log_odds_weights = coef[-1] - coef[0] if len(coef) > 1 else coef[0]
+            features = torch.cat(list(prepared), dim=1).double().numpy() * log_odds_weights
+            bounds = np.cumsum([0, *(vectors.shape[1] for vectors in prepared)])
+            contributions = np.stack(
+                [features[:, start:end].sum(axis=1) for start, end in itertools.pairwise(bounds)],
+                axis=1,
+            )
+        magnitude = np.abs(contributions)
+        return magnitude / np.maximum(magnitude.sum(axis=1, keepdims=True), 1e-12)
 
     def _probabilities(self, prepared: Sequence[torch.Tensor]) -> np.ndarray:
         if self.kind == "head":
