@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from fuse.model import FusionHead
 from fuse.probe import ProbeFit, fit_probe
-from fuse.train import HeadSettings, TrainedHead, predict_proba, train_head
+from fuse.train import HeadSettings, TrainedHead, predict_proba, train_head, with_absent
 from fuse.zoo import ModelSpec
 from pipeline.errors import UserError
 from pipeline.metrics import (
@@ -193,6 +193,7 @@ class FittedHead:
         if self.kind == "head":
             trained = self._train_network(ready, labels, report_groups, train_rows, val_rows, seed)
             self.network_ = trained.model
+            self.inputs_used_ = trained.inputs_used
             self.training_ = {
                 "best_epoch": trained.best_epoch,
                 "first_eligible_epoch": trained.first_eligible_epoch,
@@ -202,11 +203,12 @@ class FittedHead:
             self.history_ = trained.history
         else:
             self.probe_ = fit_probe(ready, labels, train_rows, val_rows, seed)
+            self.inputs_used_ = (True,) * len(ready)
             self.training_ = {"probe_c": self.probe_.c, "probe_val_loss": self.probe_.val_loss}
             self.history_ = []
         # Scored as the table scores them (all rows at once), so the thresholds are cuts on
         # exactly the numbers the table holds.
-        val_scores = self._probabilities(ready)[val_rows.numpy(), -1]
+        val_scores = self._probabilities(self._gated(ready))[val_rows.numpy(), -1]
         val_labels = labels[val_rows].numpy()
         self.thresholds_ = {
             "youden": choose_threshold(val_labels, val_scores),
@@ -280,6 +282,11 @@ class FittedHead:
             for vectors, stats in zip(inputs, self.standardisation_, strict=True)
         ]
 
+    def _gated(self, prepared: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Inputs that selection left out (see HeadSettings.modality_dropout) at their
+        training mean, the stand-in the head was trained with."""
+        return with_absent(prepared, self.train_mean_, self.inputs_used_)
+
     def _batch_shifts(
         self, standardised: Sequence[torch.Tensor], sites: Sequence[str]
     ) -> dict[str, list[torch.Tensor]]:
@@ -312,7 +319,7 @@ class FittedHead:
         self.check_widths([vectors.shape[1] for vectors in inputs])
         standardised = self._standardised(inputs)
         if sites is None or centring == "none":
-            return standardised
+            return self._gated(standardised)
         if centring == "batch":
             shifts = self._batch_shifts(standardised, sites)
         else:
@@ -323,7 +330,7 @@ class FittedHead:
             for site in shifts
             if (site_array == site).any()
         }
-        return _shifted(standardised, rows_of_site, shifts)
+        return self._gated(_shifted(standardised, rows_of_site, shifts))
 
     def probabilities_of_prepared(self, prepared: Sequence[torch.Tensor]) -> np.ndarray:
         """Class probabilities [rows, classes] of inputs already `prepared`: for analyses
@@ -462,6 +469,7 @@ class FittedHead:
             "training_sites": list(self.training_sites_),
             "external_sites": sites,
             "thresholds": self.thresholds_,
+            "inputs_used": list(self.inputs_used_),
             "training": self.training_,
         }
         if self.kind == "probe":
@@ -561,6 +569,7 @@ class FittedHead:
             for index, site in enumerate(config["external_sites"])
         }
         head.thresholds_ = dict(config["thresholds"])
+        head.inputs_used_ = tuple(config["inputs_used"])
         head.training_ = dict(config["training"])
         head.history_ = []
         if head.kind == "head":
