@@ -28,7 +28,6 @@ EXAMPLES = """\
 """
 
 
-
 def main(argv: Sequence[str] | None = None) -> Path:
     """Generate the demo with command-line arguments `argv` (default: sys.argv)."""
     return stage_main(

@@ -7,8 +7,7 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageFilter
 
-from pipeline.demo import DemoConfig, run
-from pipeline.demo import scenes
+from pipeline.demo import DemoConfig, run, scenes
 from pipeline.demo.patients import EXTERNAL_SITE, INTERNAL_SITE, plan_site
 from pipeline.demo.scenes import CAMERAS
 from pipeline.errors import UserError
