@@ -99,9 +99,7 @@ class _RednessViT(nn.Module):
         ),
     ],
 )
-def test_the_heatmap_peaks_on_the_patch_whose_token_carries_the_signal(
-    transform, size, patch_box
-):
+def test_the_heatmap_peaks_on_the_patch_whose_token_carries_the_signal(transform, size, patch_box):
     """A head that reads redness, on an image black but for one red patch: Grad-CAM must
     point at that patch, in the original image's pixels."""
     width, height = size
