@@ -163,27 +163,28 @@ def _one_head(path: str) -> tuple[FittedHead, Path, str]:
     return FittedHead.load(files[0]), files[0], note
 
 
-def _image_input(head: FittedHead) -> int:
-    """The position of the head's one image input."""
-    positions = [i for i, source in enumerate(head.sources_) if source.modality == "image"]
+def image_encoder_spec(head: FittedHead) -> tuple[int, EncoderSpec, PatchTokens]:
+    """The position of the head's one image input, its encoder's registry entry (with the
+    pooling the head's features were extracted with) and where its patch tokens are.
+
+    Raises:
+        UserError: a probe, a head without exactly one image input (a pair model), or an
+            encoder without patch tokens.
+    """
     if head.kind != "head":
         raise UserError(f"{head.describe()} is a probe; explain a head (*-head.json)")
+    positions = [i for i, source in enumerate(head.sources_) if source.modality == "image"]
     if len(positions) != 1:
         kinds = ", ".join(f"{source.encoder} ({source.modality})" for source in head.sources_)
         raise UserError(
             f"{head.describe()} takes {kinds}: Grad-CAM needs exactly one image input (a pair "
             "model such as ViLT has no image-only patch tokens)"
         )
-    return positions[0]
-
-
-def _spec(head: FittedHead, position: int) -> tuple[EncoderSpec, PatchTokens]:
-    source = head.sources_[position]
-    registry = load_registry(source.extract_config.get("registry", ""))
-    spec = registry.get(source.encoder)
+    source = head.sources_[positions[0]]
+    spec = load_registry(source.extract_config.get("registry", "")).get(source.encoder)
     if source.pooling:
         spec = dataclasses.replace(spec, pooling=source.pooling)
-    return spec, patch_tokens_of(spec)
+    return positions[0], spec, patch_tokens_of(spec)
 
 
 def _device(name: str) -> torch.device:
@@ -195,16 +196,26 @@ def _device(name: str) -> torch.device:
         raise UserError(f"--device {name}: expected auto, cpu, cuda or cuda:N") from None
 
 
-def _encoder(config: ExplainConfig, head: FittedHead, position: int, spec: EncoderSpec) -> Encoder:
-    """The head's image encoder, frozen, with the weights the head was trained on."""
+def load_image_encoder(
+    head: FittedHead, weights: Sequence[str] = (), device: str = "auto"
+) -> Encoder:
+    """The head's image encoder, frozen, with the weights the head was trained on.
+
+    Args:
+        weights: --weights entries (VALUE, or ENCODER=VALUE); empty: what extraction recorded.
+
+    Raises:
+        UserError: see image_encoder_spec; weights whose fingerprint is not the head's.
+    """
+    position, spec, _ = image_encoder_spec(head)
     source = head.sources_[position]
-    weights = weights_of(config.weights, [source.encoder])[source.encoder]
-    device = _device(config.device)
+    given = weights_of(weights, [source.encoder])[source.encoder]
+    where = _device(device)
     encoder = load_encoder(
         spec,
-        weights or source.weights or "tiny",
-        device,
-        torch_dtype(source.dtype or "float32", device),
+        given or source.weights or "tiny",
+        where,
+        torch_dtype(source.dtype or "float32", where),
     )
     if source.weights_fingerprint and encoder.weights_fingerprint != source.weights_fingerprint:
         raise UserError(
@@ -270,20 +281,19 @@ def _pointing_rows(
     return [int(row) for row in with_lesion]
 
 
-class _Explainer:
-    """Grad-CAM maps of rows of the cached data, through one head and its image encoder."""
+class Explainer:
+    """Grad-CAM maps of rows of the cached data, through one head and its image encoder.
 
-    def __init__(
-        self,
-        head: FittedHead,
-        data: CachedRows,
-        position: int,
-        encoder: Encoder,
-        tokens: PatchTokens,
-        target: int,
-    ) -> None:
-        self.head, self.data, self.position = head, data, position
-        self.encoder, self.tokens, self.target = encoder, tokens, target
+    Args:
+        head: a saved head (see image_encoder_spec for which).
+        data: the cached rows; every input but the image is read from here.
+        encoder: the head's image encoder (load_image_encoder).
+        target: the index of the class whose log-probability is explained.
+    """
+
+    def __init__(self, head: FittedHead, data: CachedRows, encoder: Encoder, target: int) -> None:
+        self.position, _, self.tokens = image_encoder_spec(head)
+        self.head, self.data, self.encoder, self.target = head, data, encoder, target
         self.transform: ImageTransform = image_transform(encoder.preprocessing)
         self.sites = row_sites(data.table, head, "stored")
         self.largest_vector_difference = 0.0  # recomputed image vectors against the cache
@@ -366,8 +376,7 @@ def run(config: ExplainConfig) -> dict[str, Any]:
     explain.json into --out (atomically, under its lock)."""
     require_paths(config, "head", "manifest", "features", "out")
     head, head_file, head_note = _one_head(config.head)
-    position = _image_input(head)
-    spec, tokens = _spec(head, position)
+    _, spec, _ = image_encoder_spec(head)  # refuses an encoder without patch tokens at once
     classes = head.classes
     target_name = config.target_class or classes[-1]
     if target_name not in classes:
@@ -383,9 +392,7 @@ def run(config: ExplainConfig) -> dict[str, Any]:
             head,
             head_file,
             head_note,
-            position,
             spec,
-            tokens,
             classes.index(target_name),
             staging,
         )
@@ -396,9 +403,7 @@ def _run_locked(
     head: FittedHead,
     head_file: Path,
     head_note: str,
-    position: int,
     spec: EncoderSpec,
-    tokens: PatchTokens,
     target: int,
     staging: Path,
 ) -> dict[str, Any]:
@@ -432,8 +437,8 @@ def _run_locked(
             f"no row of {config.manifest} is in the sets {', '.join(config.sets)}"
             + ("" if config.protocol else "; give --protocol for the head's own split")
         )
-    encoder = _encoder(config, head, position, spec)
-    explainer = _Explainer(head, data, position, encoder, tokens, target)
+    encoder = load_image_encoder(head, config.weights, config.device)
+    explainer = Explainer(head, data, encoder, target)
     manifest = Path(config.manifest)
     reasons = dict(gallery)
     wanted = list(dict.fromkeys([row for row, _ in gallery] + pointing))
@@ -497,7 +502,7 @@ def _run_locked(
             "pooling": spec.pooling,
             "weights": encoder.weights.kind,
             "weights_fingerprint": encoder.weights_fingerprint,
-            "patch_tokens": dataclasses.asdict(tokens),
+            "patch_tokens": dataclasses.asdict(explainer.tokens),
         },
         "target_class": classes[target],
         "probability_of": classes[-1],  # each gallery entry's probability is of this class
@@ -523,7 +528,7 @@ def _notes(
     head_file: Path,
     head_note: str,
     spec: EncoderSpec,
-    explainer: _Explainer,
+    explainer: Explainer,
     pointing_rows: list[dict[str, Any]],
     data: CachedRows,
 ) -> list[str]:
