@@ -432,10 +432,15 @@ def _run_locked(
         rows = table[table["set"] == name]
         gallery += _chosen(config, rows, rng)
         pointing += _pointing_rows(config, rows, rng)
-    if not gallery and not pointing:
+    if not table["set"].isin(config.sets).any():
         raise UserError(
             f"no row of {config.manifest} is in the sets {', '.join(config.sets)}"
             + ("" if config.protocol else "; give --protocol for the head's own split")
+        )
+    if not gallery and not pointing:
+        raise UserError(
+            "nothing to explain: --confident-right, --confident-wrong, --random and "
+            "--pointing-images are all 0 (or no image has a lesion to point at)"
         )
     encoder = load_image_encoder(head, config.weights, config.device)
     explainer = Explainer(head, data, encoder, target)
