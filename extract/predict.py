@@ -86,10 +86,11 @@ def _report(config: ExamConfig) -> str:
         raise UserError(f"--report-file {config.report_file}: {error}") from None
 
 
-def _weights_of(config: ExamConfig, encoders: Sequence[str]) -> dict[str, str]:
-    """Each encoder's --weights value, or "" for what extraction recorded."""
+def weights_of(entries: Sequence[str], encoders: Sequence[str]) -> dict[str, str]:
+    """Each encoder's --weights value (`entries`: VALUE for all, or ENCODER=VALUE each), or
+    "" for what extraction recorded."""
     given: dict[str, str] = {}
-    for entry in config.weights:
+    for entry in entries:
         encoder, separator, value = entry.partition("=")
         if not separator:
             given.update(dict.fromkeys(encoders, entry))
@@ -145,7 +146,7 @@ def run(config: ExamConfig) -> dict[str, Any]:
         raise UserError(f"image file(s) not found: {', '.join(missing)}")
     heads = load_heads(config.head, config.kind)
     sources = {source.encoder: source for head in heads for source in head.sources_}
-    weights = _weights_of(config, list(sources))
+    weights = weights_of(config.weights, list(sources))
     with tempfile.TemporaryDirectory(prefix="vlmf-exam-") as folder:
         manifest = Path(folder) / "manifest.csv"
         pd.DataFrame(

@@ -115,7 +115,7 @@ def describe_heads(heads: Sequence[FittedHead]) -> str:
     )
 
 
-def _row_sites(table: pd.DataFrame, head: FittedHead, centring: str) -> list[str | None]:
+def row_sites(table: pd.DataFrame, head: FittedHead, centring: str) -> list[str | None]:
     """Which rows a head centres, by site: a stored site's rows unless the site also trained
     the head and the row is not marked external; for a batch, every site (the head leaves
     its training sites out)."""
@@ -156,7 +156,7 @@ def score(
         )
         inputs = [data.features[feature] for feature in head.model.inputs]
         probabilities.append(
-            head.predict_proba(inputs, _row_sites(data.table, head, centring), centring)
+            head.predict_proba(inputs, row_sites(data.table, head, centring), centring)
         )
         thresholds.append(head.thresholds_[operating_point])
     return np.mean(probabilities, axis=0), float(np.mean(thresholds))

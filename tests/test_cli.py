@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 
 import extract.__main__
+import extract.explain
 import extract.predict
 import fuse.__main__
 import pipeline.demo.__main__
@@ -31,6 +32,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], object]] = {
     "fuse": lambda argv: fuse.__main__.main(list(argv)),
     "pipeline.demo": pipeline.demo.__main__.main,
     "extract.predict": extract.predict.main,
+    "extract.explain": extract.explain.main,
 }
 HELP = (  # the words after `python -m`
     ("extract",),
@@ -39,6 +41,7 @@ HELP = (  # the words after `python -m`
     ("fuse", "predict"),
     ("pipeline.demo",),
     ("extract.predict",),
+    ("extract.explain",),
 )
 
 _EXTRACT = ("--model", "llama3", "--manifest", "{manifest}", "--out", "{out}/text.h5")
@@ -52,6 +55,10 @@ _PREDICT = (
     *("--features", "{features}"),
 )
 _EXAM = ("--head", "{out}/none.json", "--images", "{manifest}", "--report-file", "{manifest}")
+_EXPLAIN = (
+    *("--head", "{out}/none.json", "--manifest", "{manifest}", "--features", "{features}"),
+    *("--out", "{out}/explain"),
+)
 
 BAD_INPUTS = [
     # extract: settings, paths, manifests, items, outputs
@@ -94,6 +101,16 @@ BAD_INPUTS = [
     ("extract.predict", (*_EXAM, "--report", "x"), "give the report once"),
     ("extract.predict", (*_EXAM[:3], "{out}/none.png", *_EXAM[4:]), "image file(s) not found"),
     ("extract.predict", (*_EXAM, "--centring", "batch"), "--centring is 'batch'"),
+    # extract.explain
+    ("extract.explain", _EXPLAIN, "none.json does not exist: a saved head is a pair"),
+    ("extract.explain", ("--head", "{out}", *_EXPLAIN[2:]), "holds no saved head"),
+    (
+        "extract.explain",
+        (*_EXPLAIN, "--sets", "train"),
+        "--sets is train; it must be one of test, external",
+    ),
+    ("extract.explain", (*_EXPLAIN, "--batch-size", "0"), "--batch-size is 0"),
+    ("extract.explain", (*_EXPLAIN, "--random", "-1"), "--random is -1; it must be at least 0"),
     # the demo generator
     ("pipeline.demo", ("--out", "{out}/demo", "--patients", "1"), "it must be at least 2"),
     ("pipeline.demo", ("--out", "{bad_label}"), "is a file; give a folder"),

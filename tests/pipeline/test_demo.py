@@ -5,10 +5,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
+from PIL import Image, ImageFilter
 
-from pipeline.demo import DemoConfig, run
-from pipeline.demo.patients import INTERNAL_SITE, plan_site
+from pipeline.demo import DemoConfig, run, scenes
+from pipeline.demo.patients import EXTERNAL_SITE, INTERNAL_SITE, plan_site
 from pipeline.demo.scenes import CAMERAS
 from pipeline.errors import UserError
 from pipeline.lock import output_lock
@@ -17,7 +17,16 @@ from pipeline.metrics import roc_auc
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SMALL = {"patients": 20, "external_patients": 6, "images_per_report": 3}
-COLUMNS = ["image_path", "report_text", "label", "patient_id", "exam_id", "split", "site"]
+COLUMNS = [
+    "image_path",
+    "report_text",
+    "label",
+    "patient_id",
+    "exam_id",
+    "split",
+    "site",
+    "lesion_mask",
+]
 
 
 def read(manifest: Path) -> pd.DataFrame:
@@ -152,3 +161,30 @@ def test_a_rerun_replaces_the_folder_whole_under_a_lock(tmp_path):
     assert sorted(path.name for path in tmp_path.iterdir()) == ["demo"]
     with output_lock(out), pytest.raises(UserError, match="is being written by another run"):
         run(DemoConfig(out=str(out), **tiny))
+
+
+def test_every_image_has_its_lesion_mask_beside_it(small_demo):
+    table = read(small_demo)
+    # Every demo patient has a lesion, and the views keep it inside the field.
+    assert (table["lesion_mask"] != "").all()
+    for image_path, mask_path in zip(table["image_path"], table["lesion_mask"], strict=True):
+        assert mask_path == image_path.replace(".png", "_mask.png")
+        image = Image.open(small_demo.parent / image_path)
+        mask = np.asarray(Image.open(small_demo.parent / mask_path))
+        assert mask.shape == (image.height, image.width) and mask.dtype == bool
+        assert 0 < mask.mean() < 0.5
+
+
+def test_masks_cover_the_drawn_lesion_pixel_for_pixel(monkeypatch):
+    """With the lesion painted pure blue (nothing else in a scene is bluer than red), the
+    mask is blue inside, and blue pixels lie in it or within its blurred border."""
+    monkeypatch.setattr(scenes, "_lesion_colour", lambda severity: np.array([0.0, 0.0, 255.0]))
+    patients = plan_site(INTERNAL_SITE, 4, 3, 0) + plan_site(EXTERNAL_SITE, 3, 3, 0)
+    for patient in patients:
+        for photo in scenes.render_images(patient):
+            pixels = np.asarray(photo.image).astype(int)
+            blue = pixels[..., 2] > pixels[..., 0]
+            mask = np.asarray(photo.lesion_mask)
+            near = np.asarray(photo.lesion_mask.convert("L").filter(ImageFilter.MaxFilter(21)))
+            assert blue[mask].mean() > 0.95
+            assert (near[blue] > 0).mean() > 0.95
