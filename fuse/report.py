@@ -290,8 +290,7 @@ def results_tables(
     for split in sets:
         found.append(
             ResultsTable(
-                f"All models at the validation-chosen threshold, {SET_TITLES[split]} "
-                "(image level)",
+                f"All models at the validation-chosen threshold, {SET_TITLES[split]} (image level)",
                 f"{OPERATING_POINTS['val']}.",
                 *_results_table(tables, models, split, "val", classes),
             )
