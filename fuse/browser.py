@@ -101,14 +101,7 @@ class HeadlessChromium:
             ]
             for domain in ("Page", "Network", "Runtime"):
                 self._call(f"{domain}.enable", session=True)
-            self._call(
-                "Emulation.setDeviceMetricsOverride",
-                session=True,
-                width=self.width,
-                height=self.height,
-                deviceScaleFactor=1,
-                mobile=False,
-            )
+            self.set_viewport(self.width, self.height)
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -154,6 +147,18 @@ class HeadlessChromium:
         if "exceptionDetails" in reply:
             raise RuntimeError(f"{expression!r} raised {reply['exceptionDetails']}")
         return reply["result"].get("value")
+
+    def set_viewport(self, width: int, height: int) -> None:
+        """Lay the page out in a window of this size (CSS pixels)."""
+        self.width, self.height = width, height
+        self._call(
+            "Emulation.setDeviceMetricsOverride",
+            session=True,
+            width=width,
+            height=height,
+            deviceScaleFactor=1,
+            mobile=False,
+        )
 
     def emulate_media(self, media: str) -> None:
         """Lay the page out for `media` ("print", "screen") as a printer would see it."""

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import base64
 import html
-from collections.abc import Iterable, Mapping, Sequence
+import re
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from fuse.report import format_value
 from pipeline.errors import UserError
 
+NUMBER_LIKE = re.compile(r"^(–|[<>]?-?\d)")
 STYLE = """
 :root { --ink: #1d2330; --muted: #5a6272; --rule: #d5d9e0; --accent: #1f5fa8;
         --band: #f3f5f8; font-family: system-ui, "Segoe UI", Roboto, "Noto Sans",
@@ -60,6 +62,7 @@ figure img { max-width: 100%; height: auto; border: 1px solid var(--rule); }
   .scroll { overflow: visible; }
   table { width: 100%; font-size: 7pt; }
   th, td { padding: 0.1rem 0.25rem; }
+  th { overflow-wrap: anywhere; }  /* a long column name breaks rather than cut the table */
   thead { display: table-header-group; }  /* a table over two pages repeats its header */
   tr, figure { break-inside: avoid; }
   .figures { display: block; }
@@ -93,13 +96,29 @@ def paragraphs(sentences: Iterable[str], **attributes: Any) -> str:
     return "".join(element("p", escape(sentence), **attributes) for sentence in sentences)
 
 
-def table(header: Sequence[str], rows: Sequence[Sequence[str]], caption: str = "") -> str:
+def table(
+    header: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    caption: str = "",
+    text_columns: Collection[int] = (),
+) -> str:
     """A table of cells that are HTML already (escape text cells first), in a scroll box on
-    screen; numbers align right, the first column and text cells left."""
-    head = element("thead", element("tr", "".join(element("th", escape(h)) for h in header)))
+    screen; numbers align right, the first column and `text_columns` (positions) left."""
+    # a long column name may break after an underscore, so that wide tables fit A4
+    names = (escape(name).replace("_", "_<wbr>") for name in header)
+    head = element("thead", element("tr", "".join(element("th", name) for name in names)))
     body = element(
         "tbody",
-        "".join(element("tr", "".join(element("td", cell) for cell in row)) for row in rows),
+        "".join(
+            element(
+                "tr",
+                "".join(
+                    element("td", cell, class_="text" if column in text_columns else None)
+                    for column, cell in enumerate(row)
+                ),
+            )
+            for row in rows
+        ),
     )
     return element(
         "div",
@@ -108,14 +127,24 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]], caption: str = "
     )
 
 
+def _is_text(value: Any) -> bool:
+    # "0.912 (0.010)", "<0.001" and "–" are numbers as the report prints them
+    return isinstance(value, str) and not NUMBER_LIKE.match(value)
+
+
 def records_table(records: Sequence[Mapping[str, Any]], caption: str = "") -> str:
     """A table of JSON records (tables.json's form), each value printed as tables.md does."""
     columns = list(dict.fromkeys(column for record in records for column in record))
+    text = {
+        position
+        for position, column in enumerate(columns)
+        if any(_is_text(record.get(column)) for record in records)
+    }
     rows = [
         [escape(format_value(column, record.get(column))) for column in columns]
         for record in records
     ]
-    return table(columns, rows, caption)
+    return table(columns, rows, caption, text)
 
 
 def image(path: Path, alt: str, named_by: str) -> str:

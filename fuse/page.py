@@ -267,7 +267,7 @@ def _data_set(predictions: pd.DataFrame, runs: Mapping[str, Any], model: str) ->
                 else "Every trial and fold has these counts per split.",
             ]
         )
-        + h.table(header, body, caption="Patients, exams, pairs and sites per split")
+        + h.table(header, body, "Patients, exams, pairs and sites per split", text_columns={4})
         + h.element("h3", "Pairs left out, and why")
         + (
             h.element(
@@ -307,22 +307,14 @@ def _results(
         for split, file in PLOT_FILES.items()
         if any(record["set"] == split for record in tables["summary"])
     ]
-    figures.append(
-        h.figure(
-            h.image(report / TRAINING_PLOT, "training curves", TABLES_FILE),
-            "Training curves: loss (dashed: training) and validation AUC per epoch, mean over "
-            "trials.",
-        )
+    training = h.figure(
+        h.image(report / TRAINING_PLOT, "training curves", TABLES_FILE),
+        "Training curves: loss (dashed: training) and validation AUC per epoch, mean over trials.",
     )
-    return "".join(parts) + h.element("div", "".join(figures), class_="figures")
+    return "".join(parts) + h.element("div", "".join(figures), class_="figures") + training
 
 
 def _analysis(name: str, entry: Mapping[str, Any], report: Path, page_folder: Path) -> str:
-    if not all(field in entry for field in ANALYSIS_FIELDS):
-        raise UserError(
-            f"{report / TABLES_FILE}: analysis {name!r} lacks {list(ANALYSIS_FIELDS)}; it was "
-            "written by an older `python -m fuse report`: run it again"
-        )
     tables = {key: value for key, value in entry.items() if key not in ANALYSIS_FIELDS}
     parts = [h.paragraphs(entry["notes"])]
     for table in entry["shown"]:
@@ -497,7 +489,12 @@ def _provenance(runs: Mapping[str, Any], inputs: Mapping[str, Path]) -> str:
         *([h.escape(name), h.escape(_version(name))] for name in PAGE_PACKAGES),
     ]
     return (
-        h.table(["model", "role", "what", "inputs (encoder/modality)"], model_rows, "Models")
+        h.table(
+            ["model", "role", "what", "inputs (encoder/modality)"],
+            model_rows,
+            "Models",
+            text_columns=range(4),
+        )
         + h.table(
             [
                 "feature file",
@@ -511,9 +508,12 @@ def _provenance(runs: Mapping[str, Any], inputs: Mapping[str, Path]) -> str:
             ],
             feature_rows,
             "Encoders, as recorded in each feature file and copied into runs.json",
+            text_columns=range(8),
         )
-        + h.table(["input", "path", "sha256"], read, "Files this page was built from")
-        + h.table(["setting", "value"], settings, "The protocol's resolved settings (runs.json)")
+        + h.table(["input", "path", "sha256"], read, "Files this page was built from", range(3))
+        + h.table(
+            ["setting", "value"], settings, "The protocol's resolved settings (runs.json)", range(2)
+        )
         + h.paragraphs([f"Git revision of the checkout that built this page: {_git_revision()}."])
         + h.table(
             ["package", "version"], environment, "Packages of the environment that built this page"
@@ -530,6 +530,13 @@ def build_page(config: PageConfig) -> str:
     require_paths(config, "report", "protocol", "out")
     report, protocol = Path(config.report), Path(config.protocol)
     tables = _read_json(report / TABLES_FILE, "python -m fuse report")
+    for name, entry in tables.get("analyses", {}).items():
+        if not all(field in entry for field in ANALYSIS_FIELDS):
+            raise UserError(
+                f"{report / TABLES_FILE}: analysis {name!r} lacks some of "
+                f"{list(ANALYSIS_FIELDS)}; it was written by an older `python -m fuse report`: "
+                "run it again"
+            )
     runs = read_runs(protocol)
     predictions = read_predictions(protocol, classes_of(runs))
     model = _reference_model(runs)
