@@ -30,9 +30,10 @@ _COMMAND_FD, _REPLY_FD = 3, 4  # fixed by Chromium's --remote-debugging-pipe
 
 
 def find_chromium() -> str | None:
-    """The Chromium binary: $CHROMIUM if set, else the first of CHROMIUM_NAMES on PATH."""
+    """The Chromium binary: $CHROMIUM if set (None if that is not an executable), else the
+    first of CHROMIUM_NAMES on PATH."""
     if os.environ.get(CHROMIUM_ENV):
-        return os.environ[CHROMIUM_ENV]
+        return shutil.which(os.environ[CHROMIUM_ENV])
     return next((found for name in CHROMIUM_NAMES if (found := shutil.which(name))), None)
 
 
