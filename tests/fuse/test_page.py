@@ -24,8 +24,10 @@ REPO = Path(__file__).parents[2]
 A4_TEXT_WIDTH = 703  # CSS pixels between the page's 12 mm print margins on A4 (186 mm)
 
 
-def chromium_or_skip() -> None:
-    """Skip where no Chromium is installed, except in CI (CI set), where that is a failure."""
+@pytest.fixture(scope="module")
+def chromium() -> None:
+    """Skip where no Chromium is installed, except in CI (CI set), where that is a failure.
+    Module-scoped and named first, so that it runs before the slow fixture."""
     if find_chromium() is None:
         message = "no Chromium (apt-get install -y chromium)"
         if os.environ.get("CI"):
@@ -135,8 +137,7 @@ def _expected_headline(tables: dict, key: str) -> float:
     return found["mean"]
 
 
-def test_the_page_in_chromium(stages, tmp_path):
-    chromium_or_skip()
+def test_the_page_in_chromium(chromium, stages, tmp_path):
     screenshot = tmp_path / "report.png"
     made = subprocess.run(
         [
@@ -229,4 +230,9 @@ def test_damaged_inputs_are_one_user_error(stages, tmp_path):
         del entry["figures"]
     (old_report / "tables.json").write_text(json.dumps(tables), encoding="utf-8")
     with pytest.raises(UserError, match="written by an older `python -m fuse report`"):
+        page.build_page(_config(stages, report=str(old_report)))
+    for entry in tables["analyses"].values():
+        entry["figures"] = []
+    (old_report / "tables.json").write_text(json.dumps(tables), encoding="utf-8")
+    with pytest.raises(UserError, match=r"names .*roc_internal.png, which cannot be read"):
         page.build_page(_config(stages, report=str(old_report)))
