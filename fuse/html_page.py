@@ -33,7 +33,7 @@ p, li { max-width: 80ch; }
 .muted, figcaption, caption { color: var(--muted); font-size: 0.88rem; }
 nav.contents ol { columns: 2; padding-left: 1.2rem; max-width: 60ch; }
 .headline table { font-size: 0.95rem; border-left: 4px solid var(--accent); }
-.headline td { text-align: left; padding: 0.35rem 0.9rem; }
+.headline th, .headline td { text-align: left; padding: 0.35rem 0.9rem; }
 .headline .value { font-size: 1.3rem; font-weight: 600; margin-right: 0.4rem; }
 .scroll { overflow-x: auto; margin: 0.4rem 0 1rem; }
 table { border-collapse: collapse; font-size: 0.84rem; font-variant-numeric: tabular-nums; }
@@ -41,7 +41,7 @@ caption { caption-side: top; text-align: left; padding: 0.2rem 0; }
 th, td { border-bottom: 1px solid var(--rule); padding: 0.22rem 0.5rem; text-align: right;
          vertical-align: top; }
 th { background: var(--band); font-weight: 600; }
-th:first-child, td:first-child, td.text { text-align: left; }
+th:first-child, td:first-child, .text { text-align: left; }
 .wrap { word-break: break-all; font-family: ui-monospace, monospace; font-size: 0.78rem; }
 figure { margin: 0.8rem 0 1.4rem; }
 figure img { max-width: 100%; height: auto; border: 1px solid var(--rule); }
@@ -106,7 +106,16 @@ def table(
     screen; numbers align right, the first column and `text_columns` (positions) left."""
     # a long column name may break after an underscore, so that wide tables fit A4
     names = (escape(name).replace("_", "_<wbr>") for name in header)
-    head = element("thead", element("tr", "".join(element("th", name) for name in names)))
+    head = element(
+        "thead",
+        element(
+            "tr",
+            "".join(
+                element("th", name, class_="text" if column in text_columns else None)
+                for column, name in enumerate(names)
+            ),
+        ),
+    )
     body = element(
         "tbody",
         "".join(

@@ -436,7 +436,17 @@ def _version(package: str) -> str:
         return "not installed"
 
 
-def _provenance(runs: Mapping[str, Any], inputs: Mapping[str, Path]) -> str:
+def _settings_table(settings: Mapping[str, Any], caption: str) -> str:
+    rows = [
+        [h.escape(key), h.escape(json.dumps(value, ensure_ascii=False))]
+        for key, value in settings.items()
+    ]
+    return h.table(["setting", "value"], rows, caption, range(2))
+
+
+def _provenance(
+    runs: Mapping[str, Any], report_settings: Mapping[str, Any], inputs: Mapping[str, Path]
+) -> str:
     data = runs["data"]
     model_rows = [
         [
@@ -480,10 +490,6 @@ def _provenance(runs: Mapping[str, Any], inputs: Mapping[str, Path]) -> str:
             h.element("span", h.escape(data["manifest"]["sha256"]), class_="wrap"),
         ]
     )
-    settings = [
-        [h.escape(key), h.escape(json.dumps(value, ensure_ascii=False))]
-        for key, value in runs["settings"].items()
-    ]
     environment = [
         ["python", h.escape(platform.python_version())],
         *([h.escape(name), h.escape(_version(name))] for name in PAGE_PACKAGES),
@@ -511,8 +517,11 @@ def _provenance(runs: Mapping[str, Any], inputs: Mapping[str, Path]) -> str:
             text_columns=range(8),
         )
         + h.table(["input", "path", "sha256"], read, "Files this page was built from", range(3))
-        + h.table(
-            ["setting", "value"], settings, "The protocol's resolved settings (runs.json)", range(2)
+        + _settings_table(runs["settings"], f"The protocol's resolved settings ({RUNS_FILE})")
+        + (
+            _settings_table(report_settings, f"The report's settings ({TABLES_FILE})")
+            if report_settings
+            else ""
         )
         + h.paragraphs([f"Git revision of the checkout that built this page: {_git_revision()}."])
         + h.table(
@@ -582,6 +591,7 @@ def build_page(config: PageConfig) -> str:
             "Provenance",
             _provenance(
                 runs,
+                tables.get("report_settings", {}),
                 {
                     TABLES_FILE: report / TABLES_FILE,
                     RUNS_FILE: protocol / RUNS_FILE,

@@ -35,7 +35,7 @@ from fuse.schema import (
 )
 from fuse.zoo import FROZEN_NOTE
 from pipeline.atomic import staged_entries
-from pipeline.config import require_paths, setting
+from pipeline.config import config_to_dict, require_paths, setting
 from pipeline.errors import UserError
 from pipeline.lock import output_lock
 from pipeline.metrics import roc_auc, roc_points
@@ -450,6 +450,7 @@ def run(config: ReportConfig) -> dict[str, pd.DataFrame]:
             {
                 "note": FROZEN_NOTE,
                 "settings": runs["settings"],
+                "report_settings": config_to_dict(config),
                 "data": runs["data"],
                 **{
                     name: table.to_dict(orient="records")
