@@ -71,28 +71,36 @@ class HeadlessChromium:
             os.dup2(high[0], _COMMAND_FD)
             os.dup2(high[1], _REPLY_FD)
 
-        self._process = subprocess.Popen(
-            [
-                binary,
-                "--headless",
-                "--no-sandbox",  # as root (CI, containers) Chromium refuses its sandbox
-                "--disable-gpu",
-                "--disable-dev-shm-usage",  # containers often have a tiny /dev/shm
-                "--no-first-run",
-                "--no-default-browser-check",
-                "--disable-extensions",
-                "--disable-background-networking",  # no update or safe-browsing calls
-                "--hide-scrollbars",
-                f"--user-data-dir={self._profile}",
-                "--remote-debugging-pipe",
-                "about:blank",
-            ],
-            preexec_fn=wire_pipes,
-            pass_fds=(_COMMAND_FD, _REPLY_FD),  # kept open: preexec_fn runs before fds close
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        try:
+            self._process = subprocess.Popen(
+                [
+                    binary,
+                    "--headless",
+                    "--no-sandbox",  # as root (CI, containers) Chromium refuses its sandbox
+                    "--disable-gpu",
+                    "--disable-dev-shm-usage",  # containers often have a tiny /dev/shm
+                    "--no-first-run",
+                    "--no-default-browser-check",
+                    "--disable-extensions",
+                    "--disable-background-networking",  # no update or safe-browsing calls
+                    "--hide-scrollbars",
+                    f"--user-data-dir={self._profile}",
+                    "--remote-debugging-pipe",
+                    "about:blank",
+                ],
+                preexec_fn=wire_pipes,
+                pass_fds=(_COMMAND_FD, _REPLY_FD),  # kept open: preexec_fn runs before fds close
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        except OSError as error:
+            for descriptor in (command_read, reply_write, self._command, self._reply):
+                os.close(descriptor)
+            shutil.rmtree(self._profile, ignore_errors=True)
+            raise UserError(
+                f"cannot start Chromium ({binary}): {error.strerror or error}"
+            ) from None
         os.close(command_read)
         os.close(reply_write)
         try:

@@ -236,3 +236,31 @@ def test_damaged_inputs_are_one_user_error(stages, tmp_path):
     (old_report / "tables.json").write_text(json.dumps(tables), encoding="utf-8")
     with pytest.raises(UserError, match=r"names .*roc_internal.png, which cannot be read"):
         page.build_page(_config(stages, report=str(old_report)))
+
+
+def test_a_screenshot_without_chromium_is_one_line(stages, tmp_path):
+    refused = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fuse",
+            "page",
+            "--report",
+            str(stages["reports"]),
+            "--protocol",
+            str(stages["protocol"]),
+            "--out",
+            str(tmp_path / "index.html"),
+            "--screenshot",
+            str(tmp_path / "shot.png"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "CHROMIUM": str(tmp_path / "no-such-browser")},
+    )
+    assert refused.returncode == 2, refused.stderr
+    assert (
+        refused.stderr.startswith("error: no Chromium found") and "Traceback" not in refused.stderr
+    )
+    assert not (tmp_path / "shot.png").exists()
