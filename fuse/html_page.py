@@ -50,6 +50,7 @@ figure img { max-width: 100%; height: auto; border: 1px solid var(--rule); }
 .gallery { display: grid; grid-template-columns: repeat(auto-fill, minmax(13rem, 1fr));
            gap: 0.8rem; }
 .gallery figure { margin: 0; }
+.gallery img { width: 100%; }  /* an overlay at its natural size can be a thumbnail */
 .notice { background: #fff6e0; border-left: 4px solid #d39b00; padding: 0.5rem 0.9rem; }
 @page { size: A4; margin: 14mm 12mm; }
 @media print {

@@ -117,11 +117,15 @@ def _read_json(path: Path, writer: str) -> dict[str, Any]:
     return found
 
 
+def _number_or_null(value: Any) -> bool:
+    return value is None or (isinstance(value, int | float) and not isinstance(value, bool))
+
+
 def _frame(records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     # JSON writes NaN as null: give numeric columns their NaN back, as the report had them
     frame = pd.DataFrame(list(records))
     for column in frame.columns:
-        if frame[column].map(lambda value: value is None or isinstance(value, int | float)).all():
+        if frame[column].map(_number_or_null).all():
             frame[column] = pd.to_numeric(frame[column])
     return frame
 
@@ -135,14 +139,14 @@ def _reference_model(runs: Mapping[str, Any]) -> str:
     return REFERENCE_MODEL if REFERENCE_MODEL in models else models[0]
 
 
-def headline_record(
+def _headline_record(
     tables: Mapping[str, Any], model: str, split: str, level: str, metric: str
 ) -> Mapping[str, Any] | None:
     """The tables.json record of one headline number: a trained head's mean (SD) over trials
     at the 0.5 cut; image level from the main summary, exam and patient level from the
     levels analysis (each unit's score the mean of its images'). None: not computed."""
     if level == "image":
-        records, aggregate = tables["summary"], None
+        records, aggregate = tables["summary"], "none"
     else:
         records = tables.get("analyses", {}).get("levels", {}).get("summary", [])
         aggregate = "mean"
@@ -155,7 +159,7 @@ def headline_record(
             and record["set"] == split
             and record["level"] == level
             and record["metric"] == f"{metric}@0.5"
-            and record.get("aggregate", "none") == (aggregate or "none")
+            and record.get("aggregate", "none") == aggregate
         ),
         None,
     )
@@ -169,7 +173,7 @@ def _headline(tables: Mapping[str, Any], model: str, sets: Sequence[str]) -> str
                 continue  # exam and patient level: the AUC here, the rest in their tables
             cells = []
             for split in sets:
-                record = headline_record(tables, model, split, level, metric)
+                record = _headline_record(tables, model, split, level, metric)
                 if record is None:
                     cells.append("–")
                     continue

@@ -194,6 +194,21 @@ def test_the_page_in_chromium(chromium, stages, tmp_path):
                 assert f"M4/{split}/{level}/auc" in keys
         for key, text in headlines:
             assert text == f"{_expected_headline(tables, key):.3f}", key
+        # the main tables, read back from tables.json, print as tables.md has them
+        shown_table4 = browser.evaluate(
+            "(h => { while (!h.querySelector('table')) h = h.nextElementSibling;"
+            " return [...h.querySelector('tbody').rows]"
+            ".map(r => [...r.cells].map(c => c.textContent)); })"
+            "([...document.querySelectorAll('#results h3')]"
+            ".find(e => e.textContent.startsWith('Table 4')))"
+        )
+        markdown = (stages["reports"] / "tables.md").read_text(encoding="utf-8")
+        table4 = markdown.split("## Table 4")[1].split("\n## ")[0]
+        assert shown_table4 == [
+            [cell.strip() for cell in line.strip("|").split("|")]
+            for line in table4.splitlines()
+            if line.startswith("| M")
+        ]
         gallery = browser.evaluate("document.getElementById('explain').innerText")
         assert "most confident wrong" in gallery and "0.750" in gallery  # pointing accuracy
         # laid out for print on A4, no table is wider than the text
