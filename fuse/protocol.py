@@ -277,6 +277,8 @@ def _data_identity(config: ProtocolConfig, data: CachedRows) -> dict[str, Any]:
                 "weights_fingerprint": provenance.get("weights_fingerprint"),
                 "pooling": provenance.get("pooling"),
                 "dtype": provenance.get("dtype"),
+                "device_type": provenance.get("device_type"),
+                "package_versions": provenance.get("package_versions"),  # of the extraction
             }
             for (encoder, modality), provenance in data.provenance.items()
         },

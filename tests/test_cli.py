@@ -38,6 +38,7 @@ HELP = (  # the words after `python -m`
     ("extract",),
     ("fuse", "protocol"),
     ("fuse", "report"),
+    ("fuse", "page"),
     ("fuse", "predict"),
     ("pipeline.demo",),
     ("extract.predict",),

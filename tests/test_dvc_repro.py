@@ -63,6 +63,7 @@ def test_dvc_repro_runs_every_stage_and_writes_metrics(tmp_path):
         "test",
         "external",
     ]
+    assert 'data-headline="M4/test/image/auc"' in (reports / "index.html").read_text()
     shown = subprocess.run(["dvc", "metrics", "show"], cwd=tmp_path, capture_output=True, text=True)
     assert shown.returncode == 0 and "M4.json" in shown.stdout, shown.stdout + shown.stderr
     again = subprocess.run(["dvc", "repro"], cwd=tmp_path, capture_output=True, text=True)
