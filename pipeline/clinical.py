@@ -121,11 +121,10 @@ def check_clinical_columns(path: str | Path, table: pd.DataFrame, declared: Clin
         )
     absent = [name for name in declared.columns if name not in table.columns]
     if absent:
-        present = [name for name in table.columns if name != LINE_COLUMN]
         raise UserError(
-            f"manifest {path}: clinical column(s) {', '.join(map(repr, absent))} declared but "
-            f"not in the manifest (its columns: {', '.join(present)}); add them or leave "
-            "them out of clinical_numeric / clinical_categorical"
+            f"manifest {path}: clinical column(s) {', '.join(map(repr, absent))} missing "
+            "(declared by clinical_numeric / clinical_categorical, or taken by the head "
+            "applied); add them to the manifest"
         )
     lines = table[LINE_COLUMN]
     for name in declared.numeric:
