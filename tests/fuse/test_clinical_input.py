@@ -13,6 +13,7 @@ from fuse import predict
 from fuse.head import FeatureSource, FittedHead
 from fuse.protocol import ProtocolConfig, head_path, run
 from fuse.schema import PREDICTIONS_FILE
+from fuse.train import HeadSettings
 from fuse.zoo import protocol_models
 from pipeline.clinical import ClinicalColumns
 from pipeline.metrics import roc_auc
@@ -98,24 +99,22 @@ def test_nt_xent_pairs_image_and_report_only(clinical_run):
     assert head.clinical_.feature_names == ("age", "age missing", "sex=F", "sex=M", "sex missing")
 
 
-def test_imputation_comes_from_training_rows_and_sets_the_indicator(clinical_run):
-    files = clinical_run["files"]
-    table = pd.read_csv(files["manifest"], dtype=str, keep_default_na=False)
-    vectors = torch.randn(len(table), 3)
+def fitted_in_memory(table: pd.DataFrame, kind: str) -> tuple[FittedHead, list[torch.Tensor]]:
+    """An M4-clinical head or probe fitted on rows 0-159 (validation 160-239) of `table`."""
+    generator = torch.Generator().manual_seed(0)
+    vectors = [torch.randn(len(table), 3, generator=generator) for _ in range(2)]
     labels = torch.from_numpy(table["label"].eq("GC").to_numpy().astype(np.int64))
-    train, val = torch.arange(0, 160), torch.arange(160, 240)
-    table.loc[2, "age"] = ""  # a missing training value
-    table.loc[200:, "age"] = "1000"  # far-off values outside the training rows
     head = FittedHead(
         protocol_models("blip2-qformer", "llama3", "blip2-vit")["M4-clinical"],
-        "probe",
+        kind,
+        HeadSettings(**SMALL_HEAD),
         clinical=ClinicalColumns(("age",), ("sex",)),
     )
     head.fit(
-        [vectors, vectors],
+        vectors,
         labels,
-        train,
-        val,
+        torch.arange(0, 160),
+        torch.arange(160, 240),
         seed=0,
         sources=[
             FeatureSource(encoder, modality, 3, "tiny", None, "mean", "float32", {})
@@ -123,26 +122,33 @@ def test_imputation_comes_from_training_rows_and_sets_the_indicator(clinical_run
         ],
         table=table,
     )
+    return head, vectors
+
+
+def test_imputation_comes_from_training_rows_and_sets_the_indicator(clinical_run):
+    table = pd.read_csv(clinical_run["files"]["manifest"], dtype=str, keep_default_na=False)
+    table.loc[2, "age"] = ""  # a missing training value
+    table.loc[200:, "age"] = "1000"  # far-off values outside the training rows
+    head, vectors = fitted_in_memory(table, "probe")
     observed = pd.to_numeric(table["age"].iloc[:160], errors="coerce").dropna()
     (age,) = head.clinical_.numeric
     assert age.fill == observed.median() and age.mean == pytest.approx(observed.mean())
-    encoded = head.prepared([vectors, vectors], table=table)[-1]
+    encoded = head.prepared(vectors, table=table)[-1]
     assert encoded[2, 1] == 1 and (encoded[:2, 1] == 0).all()  # the missing indicator
     assert encoded[2, 0] == pytest.approx((observed.median() - observed.mean()) / age.sd)
 
 
 @pytest.mark.parametrize("kind", ["head", "probe"])
 def test_a_saved_m4_clinical_head_loads_as_the_same_head(clinical_run, kind, tmp_path):
-    head = FittedHead.load(head_path(clinical_run["folder"] / "models", "M4-clinical", kind, 0, 0))
-    again = FittedHead.load(head.save(tmp_path / "again"))
-    files = clinical_run["files"]
-    table = pd.read_csv(files["manifest"], dtype=str, keep_default_na=False)
-    table.loc[:5, "age"] = ""  # imputed rows too
-    inputs = [torch.randn(len(table), 12), torch.randn(len(table), 20)]
+    table = pd.read_csv(clinical_run["files"]["manifest"], dtype=str, keep_default_na=False)
+    head, vectors = fitted_in_memory(table, kind)
+    loaded = FittedHead.load(head.save(tmp_path / "m4-clinical"))
+    table.loc[:5, "age"] = ""  # imputed rows
+    table.loc[6:9, "sex"] = "X"  # a level the training rows never had
     np.testing.assert_array_equal(
-        again.predict_proba(inputs, table=table), head.predict_proba(inputs, table=table)
+        loaded.predict_proba(vectors, table=table), head.predict_proba(vectors, table=table)
     )
-    assert again.clinical_ == head.clinical_
+    assert loaded.clinical_ == head.clinical_ and loaded.clinical == head.clinical
 
 
 def test_fuse_predict_reproduces_the_table_and_refuses_a_manifest_without_the_columns(
