@@ -290,8 +290,9 @@ def run(config: ProtocolConfig) -> dict[str, Any]:
     takes_clinical = [model.name for model in models if model.clinical]
     if takes_clinical and not clinical.columns:
         raise UserError(
-            f"{', '.join(takes_clinical)} take clinical variables: declare manifest columns "
-            "with clinical_numeric and/or clinical_categorical, or leave these models out"
+            f"model(s) {', '.join(takes_clinical)} take clinical variables, but none are "
+            "declared: name manifest columns with clinical_numeric and/or "
+            "clinical_categorical, or leave the model(s) out"
         )
     unknown = sorted(set(config.save_models) - {model.name for model in models})
     if config.heads and unknown:

@@ -35,6 +35,9 @@ MANIFEST_COLUMNS = (
     "exam_id",
     "split",
     "site",
+    "age",  # clinical variables (pipeline.demo.patients: CLINICAL_*)
+    "sex",
+    "smoking",
 )
 # Level 4 of zlib's 0-9: about half the time of the default 6 for 7% larger files, which
 # keeps the full demo within its time budget on two cores.
@@ -104,6 +107,9 @@ def _manifest_rows(patients: list[Patient]) -> pd.DataFrame:
                     "exam_id": patient.exam_id,
                     "split": patient.site.split,
                     "site": patient.site.name,
+                    "age": patient.age,
+                    "sex": patient.sex,
+                    "smoking": patient.smoking,
                 }
             )
     return pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS))
