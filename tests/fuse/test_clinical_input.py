@@ -209,3 +209,16 @@ def test_a_malformed_clinical_column_is_refused_in_one_line_by_the_protocol(clin
         f"error: manifest {bad}, column 'age': not a number ('61 years', '?') at line(s) 5, 9;"
     ), done.stderr
     assert not (tmp_path / "p").exists()
+
+
+def test_extract_predict_refuses_a_clinical_head_before_any_encoder_runs(clinical_run, tmp_path):
+    heads = clinical_run["folder"] / "models" / "M4-clinical"
+    image = tmp_path / "exam.png"
+    image.write_bytes(b"not read: the head is refused first")
+    done = cli("extract.predict", "--head", str(heads), "--images", str(image), "--report", "x")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.startswith(
+        "error: ensemble of 3 M4-clinical heads (trials 0, 1, 2; mean probability, mean "
+        "threshold) also takes the clinical columns age, sex, which image files and a report "
+        "do not give"
+    ), done.stderr
