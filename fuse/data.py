@@ -148,9 +148,9 @@ def load_cached_rows(
             (pipeline.clinical); None: none are read.
 
     Raises:
-        UserError: a bad manifest (or bad clinical values), a needed feature in none of the files, vectors of other
-            images or of another data set, files whose weights or dtype disagree, or no
-            pair with a vector in every file.
+        UserError: a bad manifest (or bad clinical values), a needed feature in none of
+            the files, vectors of other images or of another data set, files whose weights
+            or dtype disagree, or no pair with a vector in every file.
     """
     table = load_manifest(
         manifest_path,

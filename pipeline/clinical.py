@@ -93,7 +93,9 @@ def _numbers(values: pd.Series) -> pd.Series:
     return pd.to_numeric(values.astype(str).str.strip(), errors="coerce").astype(float)
 
 
-def check_clinical_columns(path: str | Path, table: pd.DataFrame, declared: ClinicalColumns):
+def check_clinical_columns(
+    path: str | Path, table: pd.DataFrame, declared: ClinicalColumns
+) -> None:
     """Refuse a manifest whose declared clinical columns are absent or hold bad values.
 
     Args:

@@ -30,7 +30,7 @@ def test_text_in_a_numeric_column_names_the_column_the_value_and_the_lines():
 
 def test_a_declared_column_the_manifest_lacks_and_bad_declarations_are_refused():
     table = rows(["61"], ["never"]).drop(columns="smoking")
-    with pytest.raises(UserError, match="clinical column.*'smoking' missing .declared by clinical_numeric"):
+    with pytest.raises(UserError, match="column.*'smoking' missing .declared by clinical_numeric"):
         check_clinical_columns("m.csv", table, DECLARED)
     with pytest.raises(UserError, match="label are manifest columns"):
         check_clinical_columns("m.csv", table, ClinicalColumns(categorical=("label",)))
