@@ -173,11 +173,13 @@ class FittedHead:
             raise ValueError(f"{len(inputs)} inputs but {len(sources)} sources")
         self.clinical_ = None
         if self.model.clinical:
-            if not (self.clinical and self.clinical.columns) or table is None:
+            if not (self.clinical and self.clinical.columns):
                 raise UserError(
                     f"{self.model.name} takes clinical variables: declare clinical_numeric "
                     "or clinical_categorical (manifest columns)"
                 )
+            if table is None:
+                raise ValueError(f"{self.model.name} reads its clinical columns from `table`")
             self.clinical_ = ClinicalEncoding.fit(table.iloc[train_rows.numpy()], self.clinical)
         self.sources_ = tuple(sources)
         self.training_sites_ = tuple(dict.fromkeys(training_sites))
@@ -286,10 +288,10 @@ class FittedHead:
         """The encoded clinical variables as one more input; none for a head without them."""
         if self.clinical_ is None:
             return []
-        if table is None:
-            raise UserError(
+        if table is None:  # a caller's slip, not the user's
+            raise ValueError(
                 f"this {self.model.name} {self.kind} takes the clinical columns "
-                f"{', '.join(self.clinical_.columns.columns)}: give the manifest rows"
+                f"{', '.join(self.clinical_.columns.columns)}: pass the manifest rows as `table`"
             )
         return [torch.from_numpy(self.clinical_.encode(table))]
 

@@ -115,7 +115,8 @@ def check_clinical_columns(
             f"clinical column(s) {', '.join(repeated)} declared twice; declare each once, "
             "as numeric or as categorical"
         )
-    reserved = [name for name in declared.columns if name in (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS)]
+    own = (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS, LINE_COLUMN)
+    reserved = [name for name in declared.columns if name in own]
     if reserved:
         raise UserError(
             f"clinical column(s) {', '.join(reserved)} are manifest columns with their own "
