@@ -169,6 +169,16 @@ def test_fuse_predict_reproduces_the_table_and_refuses_a_manifest_without_the_co
     scored = pd.DataFrame(result["images"])
     np.testing.assert_allclose(scored["prob_GC"], expected["prob_GC"], rtol=1e-5, atol=1e-6)
     capsys.readouterr()
+    other_level = tmp_path / "other_level.csv"
+    changed = pd.read_csv(files["manifest"], dtype=str, keep_default_na=False)
+    changed.loc[:3, "sex"] = "X"
+    changed.to_csv(other_level, index=False)
+    predict.run(
+        predict.PredictConfig(
+            head=(model_heads,), manifest=str(other_level), features=tuple(features)
+        )
+    )
+    assert "warning: clinical column 'sex': 'X' (4 rows) never seen" in capsys.readouterr().err
     without = tmp_path / "without_age.csv"
     pd.read_csv(files["manifest"], dtype=str, keep_default_na=False).drop(columns="age").to_csv(
         without, index=False
