@@ -24,7 +24,7 @@ import pandas as pd
 from extract.run import ExtractConfig
 from extract.run import run as extract_run
 from fuse.head import CENTRING, FeatureSource
-from fuse.predict import DecisionSettings, PredictConfig, load_heads
+from fuse.predict import DecisionSettings, PredictConfig, describe_heads, load_heads
 from fuse.predict import run as predict_run
 from pipeline.cli import stage_main
 from pipeline.config import require_paths, setting
@@ -145,6 +145,12 @@ def run(config: ExamConfig) -> dict[str, Any]:
     if missing:
         raise UserError(f"image file(s) not found: {', '.join(missing)}")
     heads = load_heads(config.head, config.kind)
+    if heads[0].clinical is not None:
+        raise UserError(
+            f"{describe_heads(heads)} also takes the clinical columns "
+            f"{', '.join(heads[0].clinical.columns)}, which image files and a report do not "
+            "give: put the exam in a manifest with them and use python -m fuse predict"
+        )
     sources = {source.encoder: source for head in heads for source in head.sources_}
     weights = weights_of(config.weights, list(sources))
     with tempfile.TemporaryDirectory(prefix="vlmf-exam-") as folder:

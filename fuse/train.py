@@ -37,6 +37,9 @@ class HeadSettings:
 
     image_projection: int = setting(512, "width of the vision projector f_vp's output")
     text_projection: int = setting(2048, "width of the text projector f_tp's output")
+    clinical_projection: int = setting(
+        32, "width of the clinical variables' projector (models that take them)", at_least=1
+    )
     hidden_widths: tuple[int, ...] = setting(
         (512, 128), "widths of the classifier's hidden fully connected layers"
     )

@@ -50,6 +50,7 @@ _PROTOCOL = (
     *("protocol", "--manifest", "{manifest}", "--features", "{features}"),
     *("--out", "{out}/protocol", "--trials", "1"),
 )
+_CLINICAL = ("--models", "M4-clinical", "--clinical-numeric", "age")
 _REPORT = ("report", "--protocol", "{out}", "--out", "{out}/report")
 _PREDICT = (
     *("predict", "--head", "{out}/none.json", "--manifest", "{manifest}"),
@@ -89,6 +90,18 @@ BAD_INPUTS = [
     ("fuse", (*_PROTOCOL, "--trials", "0"), "--trials is 0; it must be at least 1"),
     ("fuse", (*_PROTOCOL[:4], "{out}", *_PROTOCOL[5:]), "is a folder; give the .h5 files"),
     ("fuse", (*_PROTOCOL[:4], "{cut_features}", *_PROTOCOL[5:]), "re-run extraction"),
+    ("fuse", (*_PROTOCOL, "--models", "M4-clinical"), "take clinical variables, but none are"),
+    ("fuse", (*_PROTOCOL, "--clinical-missing", "drop"), "--clinical-missing is 'drop'"),
+    (
+        "fuse",
+        (*_PROTOCOL[:2], "{bad_age}", *_PROTOCOL[3:], *_CLINICAL),
+        "column 'age': not a number ('sixty') at line(s) 2;",
+    ),
+    (
+        "fuse",
+        (*_PROTOCOL, *_CLINICAL[:3], "weight"),
+        "clinical column(s) 'weight' missing (declared by",
+    ),
     # fuse report
     ("fuse", (*_REPORT, "--bootstrap-resamples", "0"), "--bootstrap-resamples is 0"),
     ("fuse", ("report", "--protocol", "{out}/none", "--out", "{out}/r"), "does not exist"),
@@ -144,6 +157,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
     manifest_like("bad_label", table.assign(label=["GC "] + list(table["label"][1:])))
     manifest_like("bad_reports", table.assign(report_text="声门\x07下"))
+    manifest_like("bad_age", table.assign(age=["sixty"] + list(table["age"][1:])))
     written["repeated_header"] = manifest.with_name("repeated_header.csv")
     written["repeated_header"].write_text(
         "image_path,report_text,label,patient_id,label\nimages/a.png,x,GC,1,GC\n"

@@ -38,6 +38,9 @@ MANIFEST_COLUMNS = (
     "split",
     "site",
     "lesion_mask",
+    "age",  # clinical variables (pipeline.demo.patients: CLINICAL_*)
+    "sex",
+    "smoking",
 )
 MASK_SUFFIX = "_mask"  # images/A0001_01.png -> images/A0001_01_mask.png
 # Level 4 of zlib's 0-9: about half the time of the default 6 for 7% larger files, which
@@ -123,6 +126,9 @@ def _manifest_rows(patients: list[Patient]) -> pd.DataFrame:
                     "split": patient.site.split,
                     "site": patient.site.name,
                     "lesion_mask": "",  # filled once the images are drawn
+                    "age": patient.age,
+                    "sex": patient.sex,
+                    "smoking": patient.smoking,
                 }
             )
     return pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS))

@@ -27,6 +27,7 @@ COLUMNS = [
     "site",
     "lesion_mask",
 ]
+CLINICAL = ["age", "sex", "smoking"]
 
 
 def read(manifest: Path) -> pd.DataFrame:
@@ -40,7 +41,7 @@ def small_demo(tmp_path_factory) -> Path:
 
 def test_manifest_has_the_schema_and_sites(small_demo):
     table = read(small_demo)
-    assert list(table.columns) == COLUMNS
+    assert list(table.columns) == COLUMNS + CLINICAL
     internal = table[table["patient_id"].str.startswith("A")]
     external = table[table["patient_id"].str.startswith("B")]
     assert len(internal) + len(external) == len(table)
@@ -111,6 +112,37 @@ def test_each_modality_is_informative_but_imperfect():
     drawn = roc_auc(labels, np.array([patient.lesion.severity for patient in patients]))
     worded = roc_auc(labels, np.array([patient.mobility + patient.extent for patient in patients]))
     assert 0.95 < drawn < 1.0 and 0.75 < worded < 0.9
+
+
+def test_clinical_variables_carry_a_modest_signal_in_the_documented_direction(small_demo):
+    table = read(small_demo)
+    assert (table.groupby("patient_id")[CLINICAL].nunique() <= 1).all().all()
+    written = table.drop_duplicates("patient_id").set_index("patient_id")[CLINICAL]
+    planned = plan_site(INTERNAL_SITE, SMALL["patients"], SMALL["images_per_report"], seed=0)
+    for patient in planned:
+        expected = [str(patient.age), patient.sex, patient.smoking]
+        assert written.loc[patient.patient_id].tolist() == expected
+    assert load_manifest(small_demo, ("VCD", "GC"))[CLINICAL].equals(read(small_demo)[CLINICAL])
+    drawn = pd.DataFrame(
+        [
+            {"gc": p.label == "GC", "age": p.age, "sex": p.sex, "smoking": p.smoking}
+            for p in plan_site(INTERNAL_SITE, 4000, images_per_report=3, seed=0)
+        ]
+    )
+    by_class = drawn.groupby("gc").agg(
+        age=("age", "mean"),
+        male=("sex", lambda sex: (sex == "M").mean()),
+        current=("smoking", lambda smoking: (smoking == "current").mean()),
+        unrecorded=("smoking", lambda smoking: (smoking == "").mean()),
+    )
+    # carcinoma: older, more often male, more often a current smoker; blanks for both
+    signals = ["age", "male", "current"]
+    assert (by_class.loc[True, signals] > by_class.loc[False, signals]).all()
+    assert (by_class["unrecorded"].between(0.02, 0.12)).all()
+    assert set(drawn["sex"]) == {"M", "F"} and drawn["age"].between(30, 90).all()
+    # modest: a sum of the three signals separates the classes far from perfectly
+    score = drawn["age"] / 9 + (drawn["sex"] == "M") + (drawn["smoking"] == "current")
+    assert 0.6 < roc_auc(drawn["gc"].to_numpy(), score.to_numpy()) < 0.8
 
 
 def run_cli(*flags: str) -> subprocess.CompletedProcess:
