@@ -316,6 +316,7 @@ def results_tables(
 def _markdown(
     tables: Mapping[str, pd.DataFrame],
     results: Mapping[str, AnalysisResult],
+    not_run: Mapping[str, str],
     runs: Mapping[str, Any],
     classes,
 ) -> str:
@@ -326,6 +327,8 @@ def _markdown(
         "",
         "Analyses run: " + ", ".join(results) + ".",
         "",
+        *(f"- {name}: {reason}" for name, reason in not_run.items()),
+        *([""] if not_run else []),
     ]
     for table in results_tables(tables, runs, classes):
         lines += [f"## {table.title}", ""]
@@ -454,14 +457,19 @@ def run(config: ReportConfig) -> dict[str, pd.DataFrame]:
             read_predictions(config.label_efficiency, classes) if config.label_efficiency else None
         ),
     )
-    results = {name: analyse(inputs) for name, analyse in ANALYSES.items()}
+    every_result = {name: analyse(inputs) for name, analyse in ANALYSES.items()}
+    # An analysis with nothing to analyse (no label-efficiency run, ...) says why instead.
+    results = {name: result for name, result in every_result.items() if result.tables}
+    not_run = {
+        name: " ".join(result.notes) for name, result in every_result.items() if not result.tables
+    }
     curves = read_curves(protocol)
     out = Path(config.out)
     # The report shares reports/ with the protocol's folder: each file it writes is moved
     # in whole, under its own lock.
     with output_lock(out, config.wait_for_lock), staged_entries(out) as staging:
         (staging / "tables.md").write_text(
-            _markdown(tables, results, runs, classes), encoding="utf-8"
+            _markdown(tables, results, not_run, runs, classes), encoding="utf-8"
         )
         _write_json(
             staging / "tables.json",
@@ -476,6 +484,7 @@ def run(config: ReportConfig) -> dict[str, pd.DataFrame]:
                     if name not in ("averaged", "pooled")
                 },
                 "analyses_run": list(results),
+                "analyses_not_run": not_run,
                 "analyses": {
                     name: {
                         "title": result.title,

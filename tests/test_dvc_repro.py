@@ -27,6 +27,9 @@ def test_dvc_repro_runs_every_stage_and_writes_metrics(tmp_path):
     params["demo"].update(SMALL_DEMO)
     params["fuse"].update({"epochs": 3, "warmup_epochs": 1, "trials": 2})
     params["fuse_report"].update({"bootstrap_resamples": 100})
+    params["label_efficiency"].update(
+        {"epochs": 3, "warmup_epochs": 1, "trials": 2, "label_fractions": [0.25, 1.0]}
+    )
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
     subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
 
@@ -53,9 +56,15 @@ def test_dvc_repro_runs_every_stage_and_writes_metrics(tmp_path):
         "comparisons_auc",
         "calibration_ece",
         "operating_points_points",
+        "contribution_leaning",
+        "contribution_occlusion",
+        "text_vs_vision_contradicting_report",
+        "text_vs_vision_missing_report",
+        "label_efficiency_curve",
     ):
         assert (reports / "analyses" / f"{table}.csv").is_file(), table
-    for figure in ("calibration_reliability", "decision_curve"):
+    assert (reports / "plots" / "label_efficiency_curve.png").is_file()
+    for figure in ("calibration_reliability", "decision_curve", "contribution", "text_vs_vision"):
         for split in ("test", "external"):
             assert (reports / "plots" / f"{figure}_{split}.png").is_file(), (figure, split)
     explained = json.loads((reports / "explain" / "explain.json").read_text(encoding="utf-8"))

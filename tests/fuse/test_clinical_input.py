@@ -12,7 +12,7 @@ import torch
 from fuse import predict
 from fuse.head import FeatureSource, FittedHead
 from fuse.protocol import ProtocolConfig, head_path, run
-from fuse.schema import PREDICTIONS_FILE
+from fuse.schema import read_predictions
 from fuse.train import HeadSettings
 from fuse.zoo import protocol_models
 from pipeline.clinical import ClinicalColumns
@@ -66,7 +66,7 @@ def clinical_run(tmp_path_factory, cache_writer) -> dict:
         **SMALL_HEAD,
     )
     run(config)
-    table = pd.read_parquet(folder / "protocol" / PREDICTIONS_FILE)
+    table = read_predictions(folder / "protocol", ("VCD", "GC"))
     return {"folder": folder, "files": files, "config": config, "table": table}
 
 
