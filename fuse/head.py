@@ -6,7 +6,9 @@ It has the estimator shape scikit-learn users know: the constructor stores setti
 site's centring shift, the network or the probe's weights, the validation thresholds),
 `predict_proba` applies all of them. The trained network (kind "head") and the
 logistic-regression probe (kind "probe") share this interface, so predict, analyses and
-explanations never ask which one they hold.
+explanations never ask which one they hold. Nor whether it scores pairs or whole exams:
+callers pass each row's exam, an exam-level head (fuse.exam_model) trains and scores one
+sample per exam and gives every row its exam's probability.
 
 Saved as a file pair that cannot run code on load, Hugging Face's habit: tensors in
 `NAME.safetensors`, everything else in `NAME.json`, with a format name and version that
@@ -28,10 +30,18 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from fuse.exam_model import (
+    ExamFusionHead,
+    ExamLayout,
+    exam_batch_size,
+    exam_inputs,
+    exam_means,
+    predict_exams,
+)
 from fuse.model import FusionHead
 from fuse.probe import ProbeFit, fit_probe
 from fuse.train import HeadSettings, TrainedHead, predict_proba, train_head
-from fuse.zoo import ModelSpec
+from fuse.zoo import EXAM_HEAD, PROJECTED_HEADS, ModelSpec
 from pipeline.errors import UserError
 from pipeline.metrics import (
     choose_threshold,
@@ -145,8 +155,10 @@ class FittedHead:
         report_groups: torch.Tensor | None = None,
         external_sites: Mapping[str, torch.Tensor] | None = None,
         training_sites: Sequence[str] = (),
+        exams: Sequence | np.ndarray | None = None,
     ) -> FittedHead:
-        """Fit on `train_rows`, choose the epoch (or C) and the thresholds on `val_rows`.
+        """Fit on `train_rows`, choose the epoch (or C) and the thresholds on `val_rows`
+        (an exam-level head: on their exams, one sample and one score each).
 
         Args:
             inputs: row-aligned raw vectors, one matrix per input of the model.
@@ -157,6 +169,8 @@ class FittedHead:
             external_sites: rows of each external site, whose own vectors (never their
                 labels) give the site's centring shift.
             training_sites: the sites of the training rows, which are never shifted.
+            exams: each row's exam (any hashable id); needed by an exam-level head, which
+                takes whole exams (a split never cuts one), unused by the others.
         """
         if len(sources) != len(inputs):
             raise ValueError(f"{len(inputs)} inputs but {len(sources)} sources")
@@ -189,8 +203,16 @@ class FittedHead:
             },
             self.site_shifts_,
         )
+        groups = report_groups if report_groups is not None else torch.arange(len(labels))
+        layout = self._layout(exams, len(labels))
+        samples = self._samples(ready, layout)
+        if layout is not None:  # an exam's label and report are its first row's
+            labels, groups = labels[layout.first_rows], groups[layout.first_rows]
+            train_rows, val_rows = layout.exams_of(train_rows), layout.exams_of(val_rows)
         if self.kind == "head":
-            trained = self._train_network(ready, labels, report_groups, train_rows, val_rows, seed)
+            trained = self._train_network(
+                samples, labels, groups, train_rows, val_rows, seed, layout
+            )
             self.network_ = trained.model
             self.training_ = {
                 "best_epoch": trained.best_epoch,
@@ -200,12 +222,12 @@ class FittedHead:
             }
             self.history_ = trained.history
         else:
-            self.probe_ = fit_probe(ready, labels, train_rows, val_rows, seed)
+            self.probe_ = fit_probe(samples, labels, train_rows, val_rows, seed)
             self.training_ = {"probe_c": self.probe_.c, "probe_val_loss": self.probe_.val_loss}
             self.history_ = []
         # Scored as the table scores them (all rows at once), so the thresholds are cuts on
         # exactly the numbers the table holds.
-        val_scores = self._probabilities(ready)[val_rows.numpy(), -1]
+        val_scores = self._scored(samples)[0][val_rows.numpy(), -1]
         val_labels = labels[val_rows].numpy()
         self.thresholds_ = {
             "youden": choose_threshold(val_labels, val_scores),
@@ -221,19 +243,53 @@ class FittedHead:
 
     def _train_network(
         self,
-        inputs: Sequence[torch.Tensor],
+        samples: Sequence[torch.Tensor],
         labels: torch.Tensor,
-        report_groups: torch.Tensor | None,
-        train_rows: torch.Tensor,
-        val_rows: torch.Tensor,
+        groups: torch.Tensor,
+        train: torch.Tensor,
+        val: torch.Tensor,
         seed: int,
+        layout: ExamLayout | None,
     ) -> TrainedHead:
         torch.manual_seed(seed)
         network = self._network([source.width for source in self.sources_])
-        groups = report_groups if report_groups is not None else torch.arange(len(labels))
-        return train_head(
-            network, inputs, labels, groups, train_rows, val_rows, self.settings, seed
-        )
+        settings = self.settings
+        if layout is not None:  # batch_size counts pairs for every head
+            settings = dataclasses.replace(
+                settings, batch_size=exam_batch_size(settings.batch_size, layout, train)
+            )
+        return train_head(network, samples, labels, groups, train, val, settings, seed)
+
+    @property
+    def scores_exams(self) -> bool:
+        """Whether this head scores whole exams (one sample per exam) rather than pairs."""
+        return self.model.head == EXAM_HEAD
+
+    def _per_image(self) -> list[bool]:
+        """Per input, whether it holds one vector per image (pooled over an exam)."""
+        return [modality == "image" for _, modality in self.model.inputs]
+
+    def _layout(self, exams: Sequence | np.ndarray | None, rows: int) -> ExamLayout | None:
+        """The rows' exams for an exam-level head; None for a head of pairs."""
+        if not self.scores_exams:
+            return None
+        if exams is None or len(exams) != rows:
+            raise ValueError(
+                f"{self.describe()} scores whole exams: pass each of the {rows} rows' exam "
+                "(exams=fuse.exam_model.exam_ids(table))"
+            )
+        return ExamLayout.of(exams)
+
+    def _samples(
+        self, prepared: Sequence[torch.Tensor], layout: ExamLayout | None
+    ) -> list[torch.Tensor]:
+        """What the network or probe takes: the rows, or one sample per exam (the probe of
+        an exam-level model takes the exam's mean vectors)."""
+        if layout is None:
+            return list(prepared)
+        if self.kind == "probe":
+            return [exam_means(vectors, layout) for vectors in prepared]
+        return exam_inputs(prepared, layout, self._per_image())
 
     def _network(self, widths: Sequence[int]) -> FusionHead:
         names = [
@@ -243,8 +299,8 @@ class FittedHead:
             "image": self.settings.image_projection,
             "text": self.settings.text_projection,
         }
-        vlmf = self.model.head == "vlmf"
-        return FusionHead(
+        vlmf = self.model.head in PROJECTED_HEADS
+        fusion = dict(
             input_widths=dict(zip(names, widths, strict=True)),
             projections=(
                 {
@@ -259,6 +315,12 @@ class FittedHead:
             num_classes=len(self.classes),
             contrastive_width=self.settings.contrastive_width if vlmf else 0,
         )
+        if self.scores_exams:
+            (pooled,) = (name for name, per_image in zip(names, self._per_image()) if per_image)
+            return ExamFusionHead(
+                pooled=pooled, attention_width=self.settings.attention_width, **fusion
+            )
+        return FusionHead(**fusion)
 
     # Applying
 
@@ -324,20 +386,49 @@ class FittedHead:
         }
         return _shifted(standardised, rows_of_site, shifts)
 
-    def _probabilities(self, prepared: Sequence[torch.Tensor]) -> np.ndarray:
-        if self.kind == "head":
-            return predict_proba(self.network_, prepared, self.settings.precision)
-        features = torch.cat(list(prepared), dim=1).numpy()
-        return self.probe_.predict_proba(features)
+    def _scored(self, samples: Sequence[torch.Tensor]) -> tuple[np.ndarray, np.ndarray | None]:
+        """Probabilities [samples, classes], and the attention weights [exams, slots] of an
+        exam-level network (None otherwise)."""
+        if self.kind == "probe":
+            return self.probe_.predict_proba(torch.cat(list(samples), dim=1).numpy()), None
+        if self.scores_exams:
+            return predict_exams(self.network_, samples, self.settings.precision)
+        return predict_proba(self.network_, samples, self.settings.precision), None
+
+    def predict_with_attention(
+        self,
+        inputs: Sequence[torch.Tensor],
+        sites: Sequence[str | None] | None = None,
+        centring: str = "stored",
+        exams: Sequence | np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Class probabilities [rows, classes] of raw vectors (see `prepared`), and each
+        row's attention weight in its exam [rows] (NaN but for an exam-level network).
+
+        Args:
+            exams: each row's exam (see `fit`); an exam-level head gives every row its
+                exam's probability, so pass whole exams.
+        """
+        prepared = self.prepared(inputs, sites, centring)
+        layout = self._layout(exams, len(prepared[0]))
+        probabilities, attention = self._scored(self._samples(prepared, layout))
+        rows = len(prepared[0])
+        if layout is None:
+            return probabilities, np.full(rows, np.nan, dtype=np.float32)
+        per_row = probabilities[layout.exam_of_row.numpy()]
+        if attention is None:
+            return per_row, np.full(rows, np.nan, dtype=np.float32)
+        return per_row, layout.per_row(torch.from_numpy(attention)).numpy()
 
     def predict_proba(
         self,
         inputs: Sequence[torch.Tensor],
         sites: Sequence[str | None] | None = None,
         centring: str = "stored",
+        exams: Sequence | np.ndarray | None = None,
     ) -> np.ndarray:
-        """Class probabilities [rows, classes] of raw vectors (see `prepared`)."""
-        return self._probabilities(self.prepared(inputs, sites, centring))
+        """Class probabilities [rows, classes] of raw vectors (see predict_with_attention)."""
+        return self.predict_with_attention(inputs, sites, centring, exams)[0]
 
     # Checks
 

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from fuse.data import CachedRows, load_cached_rows
+from fuse.exam_model import exam_ids
 from fuse.head import CENTRING, KINDS, FeatureSource, FittedHead
 from fuse.schema import probability_column
 from pipeline.config import require_paths, setting
@@ -156,7 +157,12 @@ def score(
         )
         inputs = [data.features[feature] for feature in head.model.inputs]
         probabilities.append(
-            head.predict_proba(inputs, _row_sites(data.table, head, centring), centring)
+            head.predict_proba(
+                inputs,
+                _row_sites(data.table, head, centring),
+                centring,
+                exams=exam_ids(data.table),
+            )
         )
         thresholds.append(head.thresholds_[operating_point])
     return np.mean(probabilities, axis=0), float(np.mean(thresholds))

@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from fuse.data import CachedRows, load_cached_rows
+from fuse.exam_model import exam_ids
 from fuse.head import FeatureSource, FittedHead
 from fuse.schema import CURVES_FILE, PREDICTIONS_FILE, RUNS_FILE, prediction_rows
 from fuse.train import (
@@ -65,7 +66,8 @@ class ProtocolConfig(HeadSettings):
     models: tuple[str, ...] = setting(
         ("M4", "M1", "M2", "M3", "CLIP", "ALIGN", "BLIP-2", "ViLT", "Chinese-CLIP"),
         "models to train: M4 (VLMF-Net), ablations M1 image, M2 report, M3 ViT without "
-        "Q-Former + report; frozen-feature baselines CLIP, ALIGN, BLIP-2, ViLT, Chinese-CLIP",
+        "Q-Former + report; frozen-feature baselines CLIP, ALIGN, BLIP-2, ViLT, Chinese-CLIP; "
+        "M4-exam (M4 on whole exams, attention over their images)",
     )
     image_encoder: str = setting("blip2-qformer", "encoder of M1's and M4's image features")
     text_encoder: str = setting("llama3", "encoder of M2's, M3's and M4's report features")
@@ -188,6 +190,7 @@ def _fit(
         report_groups=data.report_groups,
         external_sites=_external_sites(data, job),
         training_sites=data.table["site"].to_numpy()[job.rows["train"].numpy()].tolist(),
+        exams=exam_ids(data.table),
     )
 
 
@@ -342,7 +345,9 @@ def _run_locked(
             if head is None:
                 settings = dataclasses.replace(config, learning_rate=learning_rate_of[name])
                 head = _fit(job, data, kind, settings, config)
-            probabilities = head.predict_proba(raw, sites)
+            probabilities, attention = head.predict_with_attention(
+                raw, sites, exams=exam_ids(data.table)
+            )
             records.append(_record(job, head, time.perf_counter() - started))
             if records[-1]["fallback_to_last_epoch"]:
                 tqdm.write(
@@ -361,6 +366,7 @@ def _run_locked(
                     threshold=head.threshold_,
                     probabilities=probabilities,
                     classes=config.classes,
+                    attention=attention,
                 )
             )
             if kind == "head":

@@ -34,6 +34,9 @@ LEVELS = {
     "patient": ("patient_id",),
 }
 RUN_SECTIONS = ("note", "settings", "models", "learning_rate_search", "data", "runs")
+# Each row's attention weight in its exam, from an exam-level head; NaN for every other
+# head. Written always, not required of a table (tables before it still read).
+ATTENTION_COLUMN = "attention"
 
 
 def probability_column(name: str) -> str:
@@ -57,6 +60,7 @@ def prediction_rows(
     threshold: float,
     probabilities: np.ndarray,
     classes: Sequence[str],
+    attention: np.ndarray | None = None,
 ) -> pd.DataFrame:
     """The table's rows for one fitted head, from plain arguments.
 
@@ -67,6 +71,7 @@ def prediction_rows(
         threshold: the head's cut on the positive probability, chosen on validation.
         probabilities: [rows, classes].
         classes: class names, negative first.
+        attention: [rows] each row's attention weight in its exam; None: NaN.
     """
     frame = rows.loc[:, list(ROW_COLUMNS)].reset_index(drop=True)
     frame.insert(0, "row", np.arange(len(frame)))
@@ -79,6 +84,9 @@ def prediction_rows(
     frame["threshold"] = float(threshold)
     for position, name in enumerate(classes):
         frame[probability_column(name)] = probabilities[:, position].astype(np.float32)
+    frame[ATTENTION_COLUMN] = (
+        np.full(len(frame), np.nan) if attention is None else np.asarray(attention)
+    ).astype(np.float32)
     return frame
 
 
