@@ -33,7 +33,7 @@ from fuse.schema import (
     read_predictions,
     read_runs,
 )
-from fuse.zoo import FROZEN_NOTE
+from fuse.zoo import EXAM_HEAD, FROZEN_NOTE
 from pipeline.atomic import staged_entries
 from pipeline.config import require_paths, setting
 from pipeline.errors import UserError
@@ -247,6 +247,16 @@ def _markdown(
         "Analyses run: " + ", ".join(results) + ".",
         "",
     ]
+    exam_models = [name for name in models if runs["models"][name]["head"] == EXAM_HEAD]
+    if exam_models:
+        lines += [
+            f"{', '.join(exam_models)} score whole exams: every image row repeats its exam's "
+            "probability, so their image-level numbers weight each exam by its image count; "
+            "their comparable level is the exam level (section 'Image, exam and patient "
+            "level'). Their probe is a logistic regression on each exam's mean vectors, and "
+            "the table's attention column holds each image's weight in its exam.",
+            "",
+        ]
     numbered = [
         ("Table 2", "test", baselines),
         ("Table 3", "external", baselines),
