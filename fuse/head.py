@@ -225,8 +225,8 @@ class FittedHead:
             self.probe_ = fit_probe(samples, labels, train_rows, val_rows, seed)
             self.training_ = {"probe_c": self.probe_.c, "probe_val_loss": self.probe_.val_loss}
             self.history_ = []
-        # Scored as the table scores them (all rows at once), so the thresholds are cuts on
-        # exactly the numbers the table holds.
+        # Scored as the table scores them (all rows, or exams, at once), so the thresholds
+        # are cuts on exactly the numbers the table holds.
         val_scores = self._scored(samples)[0][val_rows.numpy(), -1]
         val_labels = labels[val_rows].numpy()
         self.thresholds_ = {
@@ -316,7 +316,9 @@ class FittedHead:
             contrastive_width=self.settings.contrastive_width if vlmf else 0,
         )
         if self.scores_exams:
-            (pooled,) = (name for name, per_image in zip(names, self._per_image()) if per_image)
+            (pooled,) = (
+                name for name, per_image in zip(names, self._per_image(), strict=True) if per_image
+            )
             return ExamFusionHead(
                 pooled=pooled, attention_width=self.settings.attention_width, **fusion
             )
@@ -410,15 +412,14 @@ class FittedHead:
                 exam's probability, so pass whole exams.
         """
         prepared = self.prepared(inputs, sites, centring)
-        layout = self._layout(exams, len(prepared[0]))
-        probabilities, attention = self._scored(self._samples(prepared, layout))
         rows = len(prepared[0])
-        if layout is None:
-            return probabilities, np.full(rows, np.nan, dtype=np.float32)
-        per_row = probabilities[layout.exam_of_row.numpy()]
+        layout = self._layout(exams, rows)
+        probabilities, attention = self._scored(self._samples(prepared, layout))
+        if layout is not None:
+            probabilities = probabilities[layout.exam_of_row.numpy()]
         if attention is None:
-            return per_row, np.full(rows, np.nan, dtype=np.float32)
-        return per_row, layout.per_row(torch.from_numpy(attention)).numpy()
+            return probabilities, np.full(rows, np.nan, dtype=np.float32)
+        return probabilities, layout.per_row(torch.from_numpy(attention)).numpy()
 
     def predict_proba(
         self,

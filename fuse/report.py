@@ -250,7 +250,8 @@ def _markdown(
     exam_models = [name for name in models if runs["models"][name]["head"] == EXAM_HEAD]
     if exam_models:
         lines += [
-            f"{', '.join(exam_models)} score whole exams: every image row repeats its exam's "
+            f"Exam-level models ({', '.join(exam_models)}) score whole exams: every image row "
+            "repeats its exam's "
             "probability, so their image-level numbers weight each exam by its image count; "
             "their comparable level is the exam level (section 'Image, exam and patient "
             "level'). Their probe is a logistic regression on each exam's mean vectors, and "

@@ -236,4 +236,5 @@ def test_protocol_writes_exam_rows_with_attention_and_the_saved_head_predicts_th
         )
     )
     tables = (tmp_path / "r" / "tables.md").read_text(encoding="utf-8")
-    assert "M4-exam score whole exams" in tables and "comparable level is the exam level" in tables
+    assert "Exam-level models (M4-exam) score whole exams" in tables
+    assert "comparable level is the exam level" in tables
