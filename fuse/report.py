@@ -247,7 +247,7 @@ def _markdown(
         "Analyses run: " + ", ".join(results) + ".",
         "",
     ]
-    exam_models = [name for name in models if runs["models"][name]["head"] == EXAM_HEAD]
+    exam_models = [name for name in models if runs["models"][name].get("head") == EXAM_HEAD]
     if exam_models:
         lines += [
             f"Exam-level models ({', '.join(exam_models)}) score whole exams: every image row "
