@@ -157,8 +157,9 @@ class GatedAttention(torch.nn.Module):
 class ExamFusionHead(FusionHead):
     """VLMF-Net's head over a whole exam: attention-pooled images + the report.
 
-    The projectors, the MLP and the contrastive maps are FusionHead's; between projection
-    and concatenation the image input's projections are pooled by gated attention. The
+    The projectors, the MLP, the contrastive maps and `forward` are FusionHead's; between
+    projection and concatenation the image input's projections are pooled by gated
+    attention (`fused_parts`), so NT-Xent pairs the pooled image with the report. The
     pooled vector is L2-normalised again (a weighted mean of unit vectors is shorter than
     one), so it enters the classifier at the report projection's scale, as M4's does.
 
@@ -175,11 +176,11 @@ class ExamFusionHead(FusionHead):
         self.pooled = pooled
         self.attention = GatedAttention(self.projectors[pooled].out_features, attention_width)
 
-    def attend(
+    def pooled_parts(
         self, inputs: Sequence[torch.Tensor]
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, torch.Tensor]:
-        """Logits [exams, classes], the contrastive embeddings (pooled image, report) or
-        None, and the attention weights [exams, slots].
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """What the classifier reads, one part per input (the attention-pooled image
+        projection, the report's projection), and the attention weights [exams, slots].
 
         Args:
             inputs: exam_inputs' output: one tensor per input, then the mask.
@@ -189,10 +190,10 @@ class ExamFusionHead(FusionHead):
         slots = mask.shape[1]
         longest = int(mask.sum(dim=1).max())  # real images come first: the rest is padding
         mask = mask[:, :longest]
-        projected, attention = [], None
+        parts, attention = [], None
         for name, values in zip(self.input_names, vectors, strict=True):
             if name != self.pooled:
-                projected.append(F.normalize(self.projectors[name](values), dim=-1))
+                parts.append(F.normalize(self.projectors[name](values), dim=-1))
                 continue
             images = values[:, :longest]
             exams, _, width = images.shape
@@ -201,23 +202,17 @@ class ExamFusionHead(FusionHead):
             ).reshape(exams, longest, -1)
             attention = self.attention(embedded, mask)
             pooled = (attention.to(embedded.dtype).unsqueeze(1) @ embedded).squeeze(1)
-            projected.append(F.normalize(pooled, dim=-1))
-        logits = self.classifier(torch.cat(projected, dim=-1))
-        attention = F.pad(attention, (0, slots - longest))
-        if not self.contrastive:
-            return logits, None, attention
-        embeddings = tuple(
-            self.contrastive[name](values)
-            for name, values in zip(self.input_names, projected, strict=True)
-        )
-        return logits, embeddings, attention
+            parts.append(F.normalize(pooled, dim=-1))
+        return parts, F.pad(attention, (0, slots - longest))
 
-    def forward(
-        self, inputs: Sequence[torch.Tensor]
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
-        """Class logits and contrastive embeddings, FusionHead's contract."""
-        logits, embeddings, _ = self.attend(inputs)
-        return logits, embeddings
+    def fused_parts(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """FusionHead's contract (its `forward` and the attributions read it)."""
+        return self.pooled_parts(inputs)[0]
+
+    def attend(self, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Class logits [exams, classes] and attention weights [exams, slots]."""
+        parts, attention = self.pooled_parts(inputs)
+        return self.classifier(torch.cat(parts, dim=-1)), attention
 
 
 @torch.no_grad()
@@ -230,7 +225,7 @@ def predict_exams(
     probabilities, attention = [], []
     with autocast(precision):
         for start in range(0, len(inputs[0]), _PREDICT_CHUNK_EXAMS):
-            logits, _, weights = model.attend(
+            logits, weights = model.attend(
                 [x[start : start + _PREDICT_CHUNK_EXAMS] for x in inputs]
             )
             probabilities.append(torch.softmax(logits.float(), dim=-1))

@@ -18,6 +18,7 @@ the loader checks.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import sys
 from collections.abc import Mapping, Sequence
@@ -254,6 +255,12 @@ class FittedHead:
         torch.manual_seed(seed)
         network = self._network([source.width for source in self.sources_])
         settings = self.settings
+        if layout is not None and settings.modality_dropout:
+            raise UserError(
+                f"modality_dropout is {settings.modality_dropout}; the exam-level "
+                f"{self.model.name} has no modality dropout yet: set it to 0 or leave "
+                f"{self.model.name} out of the models"
+            )
         if layout is not None:  # batch_size counts pairs for every head
             settings = dataclasses.replace(
                 settings, batch_size=exam_batch_size(settings.batch_size, layout, train)
@@ -397,21 +404,17 @@ class FittedHead:
             return predict_exams(self.network_, samples, self.settings.precision)
         return predict_proba(self.network_, samples, self.settings.precision), None
 
-    def predict_with_attention(
-        self,
-        inputs: Sequence[torch.Tensor],
-        sites: Sequence[str | None] | None = None,
-        centring: str = "stored",
-        exams: Sequence | np.ndarray | None = None,
+    def scores_of_prepared(
+        self, prepared: Sequence[torch.Tensor], exams: Sequence | np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Class probabilities [rows, classes] of raw vectors (see `prepared`), and each
-        row's attention weight in its exam [rows] (NaN but for an exam-level network).
+        """Class probabilities [rows, classes] of inputs already `prepared`, and each row's
+        attention weight in its exam [rows] (NaN but for an exam-level network).
 
         Args:
-            exams: each row's exam (see `fit`); an exam-level head gives every row its
-                exam's probability, so pass whole exams.
+            exams: each row's exam (see `fit`); an exam-level head scores the exams of the
+                rows given, on those rows, and gives every row its exam's probability.
         """
-        prepared = self.prepared(inputs, sites, centring)
+        self._check_fitted()
         rows = len(prepared[0])
         layout = self._layout(exams, rows)
         probabilities, attention = self._scored(self._samples(prepared, layout))
@@ -420,6 +423,56 @@ class FittedHead:
         if attention is None:
             return probabilities, np.full(rows, np.nan, dtype=np.float32)
         return probabilities, layout.per_row(torch.from_numpy(attention)).numpy()
+
+    def probabilities_of_prepared(
+        self, prepared: Sequence[torch.Tensor], exams: Sequence | np.ndarray | None = None
+    ) -> np.ndarray:
+        """Class probabilities [rows, classes] of inputs already `prepared`: for analyses
+        that change the head's own inputs (occlusion, swapped reports)."""
+        return self.scores_of_prepared(prepared, exams)[0]
+
+    def attribution_shares(
+        self, prepared: Sequence[torch.Tensor], exams: Sequence | np.ndarray | None = None
+    ) -> np.ndarray:
+        """Each input's share [rows, inputs] of the positive log-odds, gradient x input on
+        the vector the classifier reads (the probe: its weights x its inputs), summed per
+        input; shares are absolute values normalised to sum to 1 per row (an exam-level
+        head's: its exam's, on the pooled image and the report)."""
+        self._check_fitted()
+        layout = self._layout(exams, len(prepared[0]))
+        samples = self._samples(prepared, layout)
+        if self.kind == "head":
+            parts = [
+                part.detach().requires_grad_(True)
+                for part in self.network_.eval().fused_parts([x.float() for x in samples])
+            ]
+            logits = self.network_.classifier(torch.cat(parts, dim=-1))
+            (logits[:, -1] - logits[:, 0]).sum().backward()
+            sums = torch.stack([(part.grad * part).sum(dim=1) for part in parts], dim=1)
+            contributions = sums.detach().numpy()
+        else:
+            coef = self.probe_.coef
+            log_odds_weights = coef[-1] - coef[0] if len(coef) > 1 else coef[0]
+            features = torch.cat(list(samples), dim=1).double().numpy() * log_odds_weights
+            bounds = np.cumsum([0, *(vectors.shape[1] for vectors in samples)])
+            contributions = np.stack(
+                [features[:, start:end].sum(axis=1) for start, end in itertools.pairwise(bounds)],
+                axis=1,
+            )
+        magnitude = np.abs(contributions)
+        shares = magnitude / np.maximum(magnitude.sum(axis=1, keepdims=True), 1e-12)
+        return shares if layout is None else shares[layout.exam_of_row.numpy()]
+
+    def predict_with_attention(
+        self,
+        inputs: Sequence[torch.Tensor],
+        sites: Sequence[str | None] | None = None,
+        centring: str = "stored",
+        exams: Sequence | np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Class probabilities [rows, classes] of raw vectors (see `prepared`), and each
+        row's attention weight in its exam (see scores_of_prepared)."""
+        return self.scores_of_prepared(self.prepared(inputs, sites, centring), exams)
 
     def predict_proba(
         self,

@@ -85,21 +85,27 @@ class FusionHead(nn.Module):
             }
         )
 
+    def fused_parts(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """What the classifier reads, one part per input: each input's L2-normalised
+        projection (VLMF-Net), or the input itself (the baseline head); concatenated in
+        `forward`, and split by input for attributions."""
+        if not self.projectors:
+            return list(inputs)
+        return [
+            F.normalize(self.projectors[name](vectors), dim=-1)
+            for name, vectors in zip(self.input_names, inputs, strict=True)
+        ]
+
     def forward(
         self, inputs: Sequence[torch.Tensor]
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
         """Class logits, and the contrastive embeddings of the two inputs when there are any."""
-        if not self.projectors:
-            return self.classifier(torch.cat(list(inputs), dim=-1)), None
-        projected = [
-            F.normalize(self.projectors[name](vectors), dim=-1)
-            for name, vectors in zip(self.input_names, inputs, strict=True)
-        ]
-        logits = self.classifier(torch.cat(projected, dim=-1))
+        parts = self.fused_parts(inputs)
+        logits = self.classifier(torch.cat(parts, dim=-1))
         if not self.contrastive:
             return logits, None
         embeddings = tuple(
             self.contrastive[name](vectors)
-            for name, vectors in zip(self.input_names, projected, strict=True)
+            for name, vectors in zip(self.input_names, parts, strict=True)
         )
         return logits, embeddings

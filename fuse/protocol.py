@@ -23,10 +23,17 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from fuse.counterfactual import CONDITIONS, score_conditions
 from fuse.data import CachedRows, load_cached_rows
 from fuse.exam_model import exam_ids
 from fuse.head import FeatureSource, FittedHead
-from fuse.schema import CURVES_FILE, PREDICTIONS_FILE, RUNS_FILE, prediction_rows
+from fuse.schema import (
+    CURVES_FILE,
+    EVALUATED_SETS,
+    PREDICTIONS_FILE,
+    RUNS_FILE,
+    prediction_rows,
+)
 from fuse.train import (
     HeadSettings,
     check_settings,
@@ -38,9 +45,10 @@ from pipeline.config import config_to_dict, require_paths, setting
 from pipeline.errors import UserError
 from pipeline.keys import file_key
 from pipeline.lock import output_lock
-from pipeline.splits import SPLIT_MODES, TrialSplit, plan_trials
+from pipeline.splits import SPLIT_MODES, TrialSplit, labelled_subset, plan_trials
 
 OUTPUT_FILES = (PREDICTIONS_FILE, RUNS_FILE, CURVES_FILE)
+UNUSED_SPLIT = "unused"  # a training patient outside a head's label fraction
 
 
 @dataclass(frozen=True)
@@ -112,6 +120,21 @@ class ProtocolConfig(HeadSettings):
     labels_per_exam: bool = setting(
         False, "true: a patient's exams (exam_id) may have different labels"
     )
+    label_fractions: tuple[float, ...] = setting(
+        (1.0,),
+        "shares of each trial's training patients to train on (label efficiency), stratified "
+        "by class and nested (a smaller share's patients are in every larger one); "
+        "validation and test patients stay those of the trial, and each trial draws its "
+        "own patients, so the trials are the draws",
+    )
+    conditions: bool = setting(
+        True,
+        "score the test and external pairs of every head with both an image and a report "
+        "input again with one input replaced (occlusion: another patient's vector, or the "
+        "training mean; swap: a report of the other class) and record each input's "
+        "attribution share; the modality analyses of the report read them: "
+        + "; ".join(f"{name}: {meaning}" for name, meaning in CONDITIONS.items()),
+    )
     wait_for_lock: float = setting(
         0,
         "seconds to wait while another run writes the same --out (0: refuse at once)",
@@ -124,6 +147,7 @@ class _Job:
     model: ModelSpec
     split: TrialSplit
     rows: dict[str, torch.Tensor]
+    fraction: float = 1.0
 
 
 def _rows_by_split(split: TrialSplit) -> dict[str, torch.Tensor]:
@@ -146,6 +170,26 @@ def check_split_classes(
                 f"{sorted(classes[index] for index in present)}; it needs every class of "
                 f"{list(classes)}: add patients or change the split settings"
             )
+
+
+def _training_share(
+    data: CachedRows, split: TrialSplit, fraction: float
+) -> dict[str, torch.Tensor]:
+    """The trial's rows, its training rows cut to `fraction` of its training patients."""
+    rows = _rows_by_split(split)
+    kept = labelled_subset(data.table, rows["train"].numpy(), fraction, split.seed)
+    return {**rows, "train": torch.from_numpy(kept)}
+
+
+def _attributions(
+    head: FittedHead, prepared: list[torch.Tensor], exams: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Each input modality's attribution share per row, for heads of several modalities."""
+    modalities = [modality for _, modality in head.model.inputs]
+    if len(set(modalities)) < 2:
+        return {}
+    shares = head.attribution_shares(prepared, exams)
+    return {modality: shares[:, position] for position, modality in enumerate(modalities)}
 
 
 def _sources(data: CachedRows, model: ModelSpec) -> list[FeatureSource]:
@@ -178,7 +222,12 @@ def _fit(
         config.classes,
         standardise=config.standardise,
         centre_external=config.centre_external,
-        origin={"trial": job.split.trial, "fold": job.split.fold, "seed": job.split.seed},
+        origin={
+            "trial": job.split.trial,
+            "fold": job.split.fold,
+            "seed": job.split.seed,
+            "fraction": job.fraction,
+        },
     )
     return head.fit(
         [data.features[feature] for feature in job.model.inputs],
@@ -240,12 +289,16 @@ def _data_identity(config: ProtocolConfig, data: CachedRows) -> dict[str, Any]:
     }
 
 
-def head_path(folder: str | Path, model: str, kind: str, trial: int, fold: int) -> Path:
-    """Where the protocol saves one head: FOLDER/MODEL/trialT-foldF-KIND(.json|.safetensors)."""
-    return Path(folder) / model / f"trial{trial}-fold{fold}-{kind}"
+def head_path(
+    folder: str | Path, model: str, kind: str, trial: int, fold: int, fraction: float = 1.0
+) -> Path:
+    """Where the protocol saves one head: FOLDER/MODEL/trialT-foldF-KIND(.json|.safetensors),
+    with -fractionS before KIND when trained on a share S < 1 of the training patients."""
+    share = f"-fraction{fraction:g}" if fraction < 1 else ""
+    return Path(folder) / model / f"trial{trial}-fold{fold}{share}-{kind}"
 
 
-def _record(job: _Job, head: FittedHead, seconds: float) -> dict[str, Any]:
+def _record(job: _Job, head: FittedHead, seconds: float, training_patients: int) -> dict[str, Any]:
     training = {
         "learning_rate": None,
         "best_epoch": None,
@@ -262,6 +315,8 @@ def _record(job: _Job, head: FittedHead, seconds: float) -> dict[str, Any]:
         "trial": job.split.trial,
         "fold": job.split.fold,
         "seed": job.split.seed,
+        "fraction": job.fraction,
+        "training_patients": training_patients,
         **training,
         "threshold": head.threshold_,
         "seconds": round(seconds, 3),
@@ -319,19 +374,29 @@ def _run_locked(
     plan = plan_trials(
         data.table, config.split, config.trials, config.folds, config.split_fractions, config.seed
     )
-    jobs = [_Job(model, split, _rows_by_split(split)) for model in models for split in plan]
     for split in plan:
         check_split_classes(
             _rows_by_split(split), data.labels, f"trial {split.trial}", config.classes
         )
+    # Largest share first, so a learning-rate search runs on a model's full training set.
+    fractions = sorted(set(config.label_fractions), reverse=True)
+    jobs = [
+        _Job(model, split, _training_share(data, split, fraction), fraction)
+        for model in models
+        for split in plan
+        for fraction in fractions
+    ]
     kinds = ("head", "probe") if config.probes else ("head",)
     frames, curves, records = [], [], []
     learning_rate_of: dict[str, float] = {}
     searches: dict[str, list] = {}
+    patients = data.table["patient_id"].to_numpy()
+    exams = exam_ids(data.table)
     for job in tqdm(jobs, desc="protocol", unit="head"):
         name = job.model.name
         raw = [data.features[feature] for feature in job.model.inputs]
         sites = _row_sites(data, job)
+        training_patients = len(data.patients(job.rows["train"]))
         for kind in kinds:
             started = time.perf_counter()
             head = None
@@ -345,39 +410,73 @@ def _run_locked(
             if head is None:
                 settings = dataclasses.replace(config, learning_rate=learning_rate_of[name])
                 head = _fit(job, data, kind, settings, config)
-            probabilities, attention = head.predict_with_attention(
-                raw, sites, exams=exam_ids(data.table)
-            )
-            records.append(_record(job, head, time.perf_counter() - started))
+            prepared = head.prepared(raw, sites)
+            probabilities, attention = head.scores_of_prepared(prepared, exams)
+            records.append(_record(job, head, time.perf_counter() - started, training_patients))
             if records[-1]["fallback_to_last_epoch"]:
                 tqdm.write(
                     f"warning: {head.describe()}: no epoch after warm-up predicted both classes "
                     "on validation; its last epoch was kept (see the report's Training table)",
                     file=sys.stderr,
                 )
+            row_of = {
+                "model": name,
+                "head": kind,
+                "trial": job.split.trial,
+                "fold": job.split.fold,
+                "threshold": head.threshold_,
+                "classes": config.classes,
+                "fraction": job.fraction,
+            }
+            splits = job.split.splits.to_numpy().copy()
+            # Training patients left out of this head's share are not its training rows.
+            training = np.zeros(len(splits), dtype=bool)
+            training[job.rows["train"].numpy()] = True
+            splits[(splits == "train") & ~training] = UNUSED_SPLIT
             frames.append(
                 prediction_rows(
                     data.table,
-                    job.split.splits.to_numpy(),
-                    model=name,
-                    head=kind,
-                    trial=job.split.trial,
-                    fold=job.split.fold,
-                    threshold=head.threshold_,
+                    splits,
                     probabilities=probabilities,
-                    classes=config.classes,
+                    attributions=_attributions(head, prepared, exams),
                     attention=attention,
+                    **row_of,
                 )
             )
+            if config.conditions:
+                for condition in score_conditions(
+                    head,
+                    prepared,
+                    {split: job.rows[split].numpy() for split in EVALUATED_SETS},
+                    patients,
+                    data.labels.numpy(),
+                    job.split.seed,
+                    exams,
+                ):
+                    frames.append(
+                        prediction_rows(
+                            data.table.iloc[condition.rows],
+                            splits[condition.rows],
+                            probabilities=condition.probabilities,
+                            condition=condition.name,
+                            source_rows=condition.source_rows,
+                            **row_of,
+                        )
+                    )
             if kind == "head":
                 curves.append(
                     pd.DataFrame(head.history_).assign(
-                        model=name, trial=job.split.trial, fold=job.split.fold
+                        model=name,
+                        trial=job.split.trial,
+                        fold=job.split.fold,
+                        fraction=job.fraction,
                     )
                 )
             if heads and name in config.save_models:
-                head.save(head_path(heads, name, kind, job.split.trial, job.split.fold))
-            del head, probabilities
+                head.save(
+                    head_path(heads, name, kind, job.split.trial, job.split.fold, job.fraction)
+                )
+            del head, probabilities, prepared
             release_freed_memory()  # a head's copies of the inputs, before the next one
     predictions = pd.concat(frames, ignore_index=True)
     predictions.to_parquet(out / PREDICTIONS_FILE, index=False)

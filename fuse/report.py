@@ -26,6 +26,8 @@ from fuse.analyses.base import SET_TITLES, trial_counts
 from fuse.analyses.calibration import CALIBRATORS
 from fuse.evaluate import OPERATING_POINTS, REFERENCE_MODEL, evaluate
 from fuse.schema import (
+    CONDITION_COLUMN,
+    OBSERVED,
     PREDICTIONS_FILE,
     RUNS_FILE,
     classes_of,
@@ -54,6 +56,11 @@ class ReportConfig:
 
     protocol: str = setting("", f"folder holding {PREDICTIONS_FILE} and {RUNS_FILE}")
     out: str = setting("", "folder for tables.md, tables.json, the plots and metrics/")
+    label_efficiency: str = setting(
+        "",
+        "protocol folder of a run over label_fractions (under DVC: reports/label_efficiency), "
+        "for the label-efficiency curves; empty: that analysis is not run",
+    )
     # no per-cent sign in help texts: argparse expands them and --help would crash
     bootstrap_resamples: int = setting(
         1000, "patient-bootstrap resamples of the 95 percent CIs", at_least=1
@@ -389,9 +396,20 @@ def run(config: ReportConfig) -> dict[str, pd.DataFrame]:
     protocol = Path(config.protocol)
     runs = read_runs(protocol)
     classes = classes_of(runs)
-    predictions = read_predictions(protocol, classes)
+    every_row = read_predictions(protocol, classes, conditions=True)
+    observed = every_row[CONDITION_COLUMN] == OBSERVED
+    predictions = every_row[observed].reset_index(drop=True)
     tables = evaluate(predictions, classes, config.bootstrap_resamples, config.seed)
-    inputs = AnalysisInputs(predictions, runs, classes, settings)
+    inputs = AnalysisInputs(
+        predictions,
+        runs,
+        classes,
+        settings,
+        conditions=every_row[~observed].reset_index(drop=True),
+        label_efficiency=(
+            read_predictions(config.label_efficiency, classes) if config.label_efficiency else None
+        ),
+    )
     results = {name: analyse(inputs) for name, analyse in ANALYSES.items()}
     curves = read_curves(protocol)
     out = Path(config.out)

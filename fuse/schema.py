@@ -34,9 +34,18 @@ LEVELS = {
     "patient": ("patient_id",),
 }
 RUN_SECTIONS = ("note", "settings", "models", "learning_rate_search", "data", "runs")
+# Rows scored as they are carry condition OBSERVED; the modality analyses' rows (an input
+# replaced, fuse.counterfactual) carry their condition and the row whose vector they took.
+CONDITION_COLUMN, SOURCE_ROW_COLUMN = "condition", "source_row"
+OBSERVED = "observed"
 # Each row's attention weight in its exam, from an exam-level head; NaN for every other
-# head. Written always, not required of a table (tables before it still read).
+# head and condition. Written always, not required of a table (older tables still read).
 ATTENTION_COLUMN = "attention"
+
+
+def attribution_column(modality: str) -> str:
+    """The column holding an input's share of the positive log-odds (gradient x input)."""
+    return f"attribution_{modality}"
 
 
 def probability_column(name: str) -> str:
@@ -60,21 +69,30 @@ def prediction_rows(
     threshold: float,
     probabilities: np.ndarray,
     classes: Sequence[str],
+    fraction: float = 1.0,
+    condition: str = OBSERVED,
+    source_rows: np.ndarray | None = None,
+    attributions: Mapping[str, np.ndarray] | None = None,
     attention: np.ndarray | None = None,
 ) -> pd.DataFrame:
     """The table's rows for one fitted head, from plain arguments.
 
     Args:
-        rows: the manifest rows scored, with the columns of ROW_COLUMNS and `label`.
+        rows: the manifest rows scored, with the columns of ROW_COLUMNS and `label`; their
+            index is the `row` column (the pair's position in the protocol's table).
         splits: each row's split in this head's trial.
         model, head, trial, fold: which head scored them (head: "head" or "probe").
         threshold: the head's cut on the positive probability, chosen on validation.
         probabilities: [rows, classes].
         classes: class names, negative first.
+        fraction: the share of the trial's training patients the head was trained on.
+        condition: OBSERVED, or the input replacement the rows were scored under.
+        source_rows: the row whose vector each row received under `condition` (-1: none).
+        attributions: each input modality's share of the positive log-odds per row.
         attention: [rows] each row's attention weight in its exam; None: NaN.
     """
     frame = rows.loc[:, list(ROW_COLUMNS)].reset_index(drop=True)
-    frame.insert(0, "row", np.arange(len(frame)))
+    frame.insert(0, "row", rows.index.to_numpy())
     frame["label"] = rows["label"].to_numpy()
     frame["split"] = np.asarray(splits)
     frame["model"] = model
@@ -82,8 +100,15 @@ def prediction_rows(
     frame["trial"] = trial
     frame["fold"] = fold
     frame["threshold"] = float(threshold)
+    frame["fraction"] = float(fraction)
     for position, name in enumerate(classes):
         frame[probability_column(name)] = probabilities[:, position].astype(np.float32)
+    frame[CONDITION_COLUMN] = condition
+    frame[SOURCE_ROW_COLUMN] = (
+        frame["row"].to_numpy() if source_rows is None else np.asarray(source_rows)
+    )
+    for modality, shares in (attributions or {}).items():
+        frame[attribution_column(modality)] = np.asarray(shares, dtype=np.float32)
     frame[ATTENTION_COLUMN] = (
         np.full(len(frame), np.nan) if attention is None else np.asarray(attention)
     ).astype(np.float32)
@@ -129,8 +154,14 @@ def read_runs(folder: str | Path) -> dict[str, Any]:
     return runs
 
 
-def read_predictions(folder: str | Path, classes: Sequence[str]) -> pd.DataFrame:
+def read_predictions(
+    folder: str | Path, classes: Sequence[str], conditions: bool = False
+) -> pd.DataFrame:
     """The predictions table of a protocol folder, checked against the schema.
+
+    Args:
+        conditions: also return the rows scored with an input replaced; by default only
+            the observed rows, which every table but the modality analyses reads.
 
     Raises:
         UserError: the file is missing, damaged (not Parquet, truncated), empty, or lacks
@@ -148,7 +179,11 @@ def read_predictions(folder: str | Path, classes: Sequence[str]) -> pd.DataFrame
     missing = [column for column in required_columns(classes) if column not in table]
     if missing:
         raise _damaged(path, f"lacks column(s) {missing}")
-    return table
+    if CONDITION_COLUMN not in table:  # written before conditions existed: all observed
+        table[CONDITION_COLUMN] = OBSERVED
+    if conditions:
+        return table
+    return table[table[CONDITION_COLUMN] == OBSERVED].reset_index(drop=True)
 
 
 def read_curves(folder: str | Path) -> pd.DataFrame:

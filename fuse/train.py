@@ -70,6 +70,14 @@ class HeadSettings:
         at_least=0,
     )
     batch_size: int = setting(64, "image-report pairs per optimisation step", at_least=1)
+    modality_dropout: float = setting(
+        0.0,
+        "probability that a training pair's input (image or report) is replaced by the "
+        "training rows' mean, never every input of one pair: one head then also serves "
+        "pairs whose report (or image) is missing, and cannot lean on one modality alone; "
+        "0: off (the paper)",
+        at_least=0,
+    )
     selection: str = setting(
         "val_loss",
         "which epoch's weights are kept: val_loss (lowest validation cross-entropy) or "
@@ -204,6 +212,27 @@ def training_loss(
     return loss
 
 
+def modality_dropped(
+    batch: Sequence[torch.Tensor],
+    absent: Sequence[torch.Tensor],
+    probability: float,
+    generator: torch.Generator,
+) -> list[torch.Tensor]:
+    """`batch` with each row's inputs replaced by `absent` with `probability`, never all
+    of one row's inputs (one of them is then kept at random)."""
+    if probability <= 0 or len(batch) < 2:
+        return list(batch)
+    rows = len(batch[0])
+    dropped = torch.rand(rows, len(batch), generator=generator) < probability
+    every = dropped.all(dim=1)
+    kept = torch.randint(len(batch), (rows,), generator=generator)
+    dropped[every, kept[every]] = False
+    return [
+        torch.where(dropped[:, position, None], mean.to(vectors.dtype), vectors)
+        for position, (vectors, mean) in enumerate(zip(batch, absent, strict=True))
+    ]
+
+
 def _eligible(epoch: int, settings: HeadSettings, predicted_classes: int, classes: int) -> bool:
     # A head still in warm-up, or one that puts every validation row in one class, has not
     # learned to separate anything: keeping it shows accuracy 0.5 beside a flattering AUC.
@@ -259,6 +288,10 @@ def train_head(
     val_inputs = [x[val_rows] for x in inputs]
     train_labels, val_labels = labels[train_rows], labels[val_rows]
     train_groups = report_groups[train_rows]
+    # The stand-in for a missing input: the training rows' mean, which is also what the
+    # occlusion analysis and a missing report at prediction time give the head.
+    absent = [x[train_rows].float().mean(dim=0) for x in inputs]
+    dropout_generator = torch.Generator().manual_seed(seed + 1)
     num_classes = model.classifier[-1].out_features
     optimizer = torch.optim.AdamW(
         model.parameters(),
@@ -287,7 +320,12 @@ def train_head(
             with autocast(settings.precision):
                 loss = training_loss(
                     model,
-                    [x[batch] for x in train_inputs],
+                    modality_dropped(
+                        [x[batch] for x in train_inputs],
+                        absent,
+                        settings.modality_dropout,
+                        dropout_generator,
+                    ),
                     train_labels[batch],
                     train_groups[batch],
                     settings,

@@ -158,3 +158,36 @@ def plan_trials(
                 TrialSplit(trial, 0, trial_seed, assign_splits(table, fractions, split_seed))
             )
     return plan
+
+
+def labelled_subset(
+    table: pd.DataFrame, train_rows: np.ndarray, fraction: float, seed: int
+) -> np.ndarray:
+    """The training rows of a stratified share of the training patients (label efficiency).
+
+    Each class keeps round(fraction x its patients), at least one; the patients come from
+    one seeded order per class, so a smaller fraction's patients are part of every larger
+    fraction's (nested subsets: a learning curve then compares like with like).
+
+    Args:
+        table: a validated manifest (patient_id, label), positions as in `train_rows`.
+        train_rows: positions of the training rows.
+        fraction: the share of training patients to keep, in (0, 1].
+        seed: the order of patients; the same seed keeps the same patients.
+
+    Returns:
+        The kept training rows, in the order given.
+    """
+    if not 0 < fraction <= 1:
+        raise UserError(f"label fraction {fraction}: give a share of patients in (0, 1]")
+    if fraction == 1:
+        return train_rows
+    training = table.iloc[train_rows]
+    labels = _patient_labels(training)
+    rng = np.random.default_rng(seed)
+    kept: list[str] = []
+    for label in sorted(labels.unique()):
+        patients = labels.index[labels == label].to_numpy()
+        order = rng.permutation(np.sort(patients))
+        kept.extend(order[: max(1, round(fraction * len(patients)))])
+    return train_rows[training["patient_id"].isin(kept).to_numpy()]

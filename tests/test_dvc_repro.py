@@ -9,6 +9,8 @@ import pandas as pd
 import pytest
 import yaml
 
+from fuse.schema import read_predictions
+
 REPO = Path(__file__).parents[1]
 SMALL_DEMO = {"patients": 40, "external_patients": 8, "images_per_report": 3}
 
@@ -36,7 +38,7 @@ def test_dvc_repro_runs_every_stage_and_writes_metrics(tmp_path):
         assert f"Running stage '{stage}'" in result.stdout
     reports = tmp_path / "reports"
     manifest = pd.read_csv(tmp_path / "data" / "demo" / "manifest.csv", dtype=str)
-    predictions = pd.read_parquet(reports / "protocol" / "predictions.parquet")
+    predictions = read_predictions(reports / "protocol", ("VCD", "GC"))
     models = params["fuse"]["models"]
     assert len(models) == 10  # M1-M4, the five baselines and M4-exam
     assert len(predictions) == len(manifest) * len(models) * 2 * 2  # models x heads x trials

@@ -15,7 +15,7 @@ from extract.run import run as extract
 from fuse import predict
 from fuse.protocol import ProtocolConfig, head_path
 from fuse.protocol import run as protocol
-from fuse.schema import PREDICTIONS_FILE
+from fuse.schema import read_predictions
 from pipeline.demo.generate import DemoConfig
 from pipeline.demo.generate import run as demo
 
@@ -48,7 +48,7 @@ def trained(tmp_path_factory) -> dict:
             learning_rate=1e-3,
         )
     )
-    table = pd.read_parquet(folder / "protocol" / PREDICTIONS_FILE)
+    table = read_predictions(folder / "protocol", ("VCD", "GC"))
     return {"folder": folder, "manifest": manifest, "features": features, "table": table}
 
 

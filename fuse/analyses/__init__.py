@@ -12,9 +12,12 @@ from collections.abc import Callable
 from fuse.analyses import (
     calibration,
     comparisons,
+    contribution,
     decision_curve,
+    label_efficiency,
     levels,
     operating_points,
+    text_vs_vision,
     training,
 )
 from fuse.analyses.base import AnalysisInputs, AnalysisResult, AnalysisSettings
@@ -26,6 +29,9 @@ ANALYSES: dict[str, Callable[[AnalysisInputs], AnalysisResult]] = {
     "operating_points": operating_points.analyse,
     "decision_curve": decision_curve.analyse,
     "training": training.analyse,
+    "contribution": contribution.analyse,
+    "text_vs_vision": text_vs_vision.analyse,
+    "label_efficiency": label_efficiency.analyse,
 }
 
 __all__ = ["ANALYSES", "AnalysisInputs", "AnalysisResult", "AnalysisSettings"]

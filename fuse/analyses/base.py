@@ -31,12 +31,19 @@ class AnalysisSettings:
 
 @dataclass(frozen=True)
 class AnalysisInputs:
-    """The predictions table (every split, validation rows included) and its run records."""
+    """The predictions table (every split, validation rows included) and its run records.
+
+    `predictions` holds the observed rows; `conditions` the rows scored with an input
+    replaced (fuse.counterfactual); `label_efficiency` the predictions table of a protocol
+    run over label fractions, when the report was given one.
+    """
 
     predictions: pd.DataFrame
     runs: Mapping[str, Any]
     classes: tuple[str, ...]
     settings: AnalysisSettings = AnalysisSettings()
+    conditions: pd.DataFrame | None = None
+    label_efficiency: pd.DataFrame | None = None
 
 
 @dataclass

@@ -25,6 +25,7 @@ from transformers import (
 from cache.store import read_features
 from extract.__main__ import main
 from extract.registry import MODEL_CONFIGS, available_encoders
+from fuse.schema import read_predictions
 from pipeline.keys import text_key
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -175,7 +176,7 @@ def test_fuse_trains_on_features_of_user_registry_encoders(tmp_path: Path) -> No
         "--out", str(tmp_path / "protocol"),
     )  # fmt: skip
 
-    predictions = pd.read_parquet(tmp_path / "protocol" / "predictions.parquet")
+    predictions = read_predictions(tmp_path / "protocol", ("VCD", "GC"))
     rows = len(pd.read_csv(manifest))
     assert predictions.groupby("model").size().to_dict() == {"M1": rows, "M2": rows, "M4": rows}
     assert predictions["prob_GC"].between(0, 1).all()

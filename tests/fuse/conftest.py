@@ -15,18 +15,24 @@ IMAGE_WIDTH, TEXT_WIDTH = 12, 20
 
 
 def write_synthetic_cache(
-    folder: Path, patients: int = 60, images_per_patient: int = 4, seed: int = 0
+    folder: Path,
+    patients: int = 60,
+    images_per_patient: int = 4,
+    seed: int = 0,
+    image_signal: float = 0.8,
+    text_signal: float = 0.8,
 ) -> dict[str, Path]:
-    """A manifest and two feature files where each modality carries part of the label."""
+    """A manifest and two feature files where each modality carries part of the label:
+    each vector is normal around signal x label (0 signal: that modality is noise)."""
     rng = np.random.default_rng(seed)
     rows, image_vectors, text_vectors = [], {}, {}
     for patient in range(patients):
         label = patient % 2
         report = f"患者{patient}：声带所见 {rng.integers(1000)}"
-        text_vectors[text_key(report)] = rng.normal(label * 0.8, 1.0, TEXT_WIDTH)
+        text_vectors[text_key(report)] = rng.normal(label * text_signal, 1.0, TEXT_WIDTH)
         for image in range(images_per_patient):
             path = f"images/p{patient:03d}_{image}.png"
-            image_vectors[path] = rng.normal(label * 0.8, 1.0, IMAGE_WIDTH)
+            image_vectors[path] = rng.normal(label * image_signal, 1.0, IMAGE_WIDTH)
             rows.append(
                 {
                     "image_path": path,

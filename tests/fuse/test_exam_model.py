@@ -1,5 +1,7 @@
 """The exam-level head (M4-exam): attention over an exam's images, through FittedHead."""
 
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -11,9 +13,10 @@ from fuse.head import FeatureSource, FittedHead
 from fuse.predict import PredictConfig
 from fuse.predict import run as predict_run
 from fuse.protocol import ProtocolConfig, head_path, run
-from fuse.schema import ATTENTION_COLUMN, PREDICTIONS_FILE
+from fuse.schema import ATTENTION_COLUMN, read_predictions
 from fuse.train import HeadSettings
 from fuse.zoo import protocol_models
+from pipeline.errors import UserError
 from pipeline.metrics import (
     choose_threshold,
     roc_auc,
@@ -134,14 +137,14 @@ def test_attention_sums_to_one_per_exam_and_padding_gets_none():
     images, reports = torch.randn(10, WIDTH, generator=generator), torch.randn(10, WIDTH)
     inputs = exam_inputs([images, reports], layout, [True, False])
     with torch.no_grad():
-        logits, _, attention = network.attend(inputs)
+        logits, attention = network.attend(inputs)
     torch.testing.assert_close(attention.sum(dim=1), torch.ones(4))
     assert (attention[~layout.mask] == 0).all() and (attention[layout.mask] > 0).all()
     # Whatever lies in the padding changes nothing.
     filled = inputs[0].clone()
     filled[~layout.mask] = 1e4
     with torch.no_grad():
-        logits_filled, _, attention_filled = network.attend([filled, *inputs[1:]])
+        logits_filled, attention_filled = network.attend([filled, *inputs[1:]])
     torch.testing.assert_close(logits_filled, logits)
     torch.testing.assert_close(attention_filled, attention)
 
@@ -171,6 +174,17 @@ def test_fitted_exam_head_gives_each_row_its_exam_and_chooses_cuts_on_validation
     }
     with pytest.raises(ValueError, match="scores whole exams"):
         head.predict_proba([images, reports])
+    dropping = FittedHead(MODELS["M4-exam"], "head", replace(TINY, modality_dropout=0.2))
+    with pytest.raises(UserError, match="no modality dropout yet"):
+        dropping.fit(
+            [images, reports],
+            labels,
+            rows_of(exam_of_row, torch.arange(0, 160)),
+            rows_of(exam_of_row, torch.arange(160, 200)),
+            seed=0,
+            sources=sources(),
+            exams=exam_of_row.numpy(),
+        )
     with pytest.raises(ValueError, match="only some of their rows"):
         FittedHead(MODELS["M4-exam"], "probe", TINY).fit(
             [images, reports],
@@ -215,7 +229,7 @@ def test_protocol_writes_exam_rows_with_attention_and_the_saved_head_predicts_th
         learning_rate=1e-3,
     )
     run(config)
-    table = pd.read_parquet(tmp_path / "p" / PREDICTIONS_FILE)
+    table = read_predictions(tmp_path / "p", ("VCD", "GC"))  # the observed rows
     exam_rows = table[(table["model"] == "M4-exam") & (table["head"] == "head")]
     manifest = pd.read_csv(synthetic_cache["manifest"])
     assert len(exam_rows) == len(manifest)  # one row per pair, as for every model
@@ -223,6 +237,16 @@ def test_protocol_writes_exam_rows_with_attention_and_the_saved_head_predicts_th
     exams = exam_rows.groupby(["patient_id", "exam_id"])
     np.testing.assert_allclose(exams[ATTENTION_COLUMN].sum(), 1.0, atol=1e-5)
     assert (exams["prob_GC"].nunique() == 1).all()
+    # The modality analyses' rows and attribution shares reach the exam head too: one
+    # probability per exam under each condition, and the exam's shares on every row.
+    every = read_predictions(tmp_path / "p", ("VCD", "GC"), conditions=True)
+    conditioned = every[(every["model"] == "M4-exam") & (every["condition"] != "observed")]
+    assert {"image_permuted", "text_swapped"} <= set(conditioned["condition"])
+    per_exam = conditioned.groupby(["head", "condition", "patient_id", "exam_id"])["prob_GC"]
+    assert (per_exam.nunique() == 1).all()
+    shares = exam_rows["attribution_image"] + exam_rows["attribution_text"]
+    np.testing.assert_allclose(shares, 1.0, atol=1e-5)
+    assert (exams["attribution_image"].nunique() == 1).all()
     saved = head_path(tmp_path / "models", "M4-exam", "head", 0, 0).with_suffix(".json")
     predicted = predict_run(
         PredictConfig(head=(str(saved),), manifest=config.manifest, features=features)

@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -14,7 +13,7 @@ from sklearn.linear_model import LogisticRegression
 
 from fuse.head import FeatureSource, FittedHead
 from fuse.protocol import ProtocolConfig, head_path, run
-from fuse.schema import PREDICTIONS_FILE
+from fuse.schema import read_predictions
 from fuse.train import HeadSettings
 from fuse.zoo import protocol_models
 from pipeline.errors import UserError
@@ -166,7 +165,7 @@ def test_protocol_heads_reload_in_a_fresh_process_to_the_table(synthetic_cache, 
         learning_rate=1e-3,
     )
     run(config)
-    table = pd.read_parquet(tmp_path / "p" / PREDICTIONS_FILE)
+    table = read_predictions(tmp_path / "p", ("VCD", "GC"))
     val = table[table["split"] == "val"]
     for (model, head, trial), rows in val.groupby(["model", "head", "trial"]):
         # thresholds chosen on each head's own validation rows

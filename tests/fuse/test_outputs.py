@@ -7,7 +7,7 @@ import pytest
 
 from cache.store import FeatureSet, read_features, write_features
 from fuse import protocol, report
-from fuse.schema import PREDICTIONS_FILE
+from fuse.schema import PREDICTIONS_FILE, read_predictions
 from pipeline.errors import UserError
 from pipeline.lock import output_lock
 
@@ -91,5 +91,5 @@ def test_a_head_that_never_predicts_both_classes_is_said_on_the_console(
     assert "M1 head (trial 0, fold 0): no epoch after warm-up predicted both classes" in (
         capsys.readouterr().err
     )
-    table = pd.read_parquet(tmp_path / "p" / PREDICTIONS_FILE)
+    table = read_predictions(tmp_path / "p", ("VCD", "GC"))
     assert table["prob_GC"].nunique() == 1

@@ -12,7 +12,7 @@ import pytest
 from cache.store import FeatureSet, read_features, write_features
 from fuse import report
 from fuse.protocol import ProtocolConfig, run
-from fuse.schema import PREDICTIONS_FILE, RUNS_FILE
+from fuse.schema import PREDICTIONS_FILE, RUNS_FILE, read_predictions
 from pipeline.errors import UserError
 from pipeline.splits import plan_trials
 
@@ -32,9 +32,13 @@ def config_for(files, out: Path, **overrides) -> ProtocolConfig:
 
 def test_predictions_table_holds_every_row_model_head_and_trial(synthetic_cache, tmp_path):
     result = run(config_for(synthetic_cache, tmp_path / "p"))
-    table = pd.read_parquet(tmp_path / "p" / PREDICTIONS_FILE)
+    everything = pd.read_parquet(tmp_path / "p" / PREDICTIONS_FILE)
+    table = everything[everything["condition"] == "observed"]
     manifest = pd.read_csv(synthetic_cache["manifest"])
     assert len(table) == len(manifest) * 3 * 2 * 2  # models x heads x trials
+    # Only M4 has both an image and a report input to replace, on test and external rows.
+    replaced = everything[everything["condition"] != "observed"]
+    assert set(replaced["model"]) == {"M4"} and set(replaced["split"]) == {"test", "external"}
     assert {
         "row",
         "image_path",
@@ -69,7 +73,7 @@ def test_no_patient_is_in_two_splits_of_any_trial_or_fold(synthetic_cache, tmp_p
             synthetic_cache, tmp_path / "p", split=mode, folds=3, models=("M1",), probes=False
         )
     )
-    table = pd.read_parquet(tmp_path / "p" / PREDICTIONS_FILE)
+    table = read_predictions(tmp_path / "p", ("VCD", "GC"))
     per_patient = table.groupby(["trial", "fold", "patient_id"])["split"].nunique()
     assert (per_patient == 1).all()
     internal = table[table["split"] != "external"]
@@ -88,7 +92,7 @@ def test_an_offset_of_the_external_site_is_taken_out_when_centring(
     config = {"models": ("M1",), "trials": 1, "centre_external": centre_external}
     run(config_for(synthetic_cache, tmp_path / "a", **config))
     image = read_features(synthetic_cache["image"])
-    first = pd.read_parquet(tmp_path / "a" / PREDICTIONS_FILE)
+    first = read_predictions(tmp_path / "a", ("VCD", "GC"))
     external = first.loc[first["split"] == "external", "image_path"].unique()
     vectors = image.vectors.copy()
     vectors[[image.keys.index(image.sources[path]) for path in external]] += 3.0
@@ -97,7 +101,7 @@ def test_an_offset_of_the_external_site_is_taken_out_when_centring(
         FeatureSet(image.keys, vectors, image.provenance, sources=image.sources),
     )
     run(config_for(synthetic_cache, tmp_path / "b", **config))
-    second = pd.read_parquet(tmp_path / "b" / PREDICTIONS_FILE)
+    second = read_predictions(tmp_path / "b", ("VCD", "GC"))
     on_external = (first["split"] == "external").to_numpy()
     a, b = first["prob_GC"].to_numpy()[on_external], second["prob_GC"].to_numpy()[on_external]
     assert np.allclose(a, b, atol=1e-5) == centre_external
@@ -106,7 +110,7 @@ def test_an_offset_of_the_external_site_is_taken_out_when_centring(
 def test_test_rows_do_not_change_what_the_heads_learn(synthetic_cache, tmp_path):
     run(config_for(synthetic_cache, tmp_path / "a", models=("M1",), trials=1))
     image = read_features(synthetic_cache["image"])
-    table = pd.read_parquet(tmp_path / "a" / PREDICTIONS_FILE)
+    table = read_predictions(tmp_path / "a", ("VCD", "GC"))
     first = table[table["head"] == "head"]
     held_out = first.loc[first["split"].isin(["test", "external"]), "image_path"]
     rows = [image.keys.index(image.sources[path]) for path in held_out]
@@ -117,7 +121,7 @@ def test_test_rows_do_not_change_what_the_heads_learn(synthetic_cache, tmp_path)
         FeatureSet(image.keys, vectors, image.provenance, sources=image.sources),
     )
     run(config_for(synthetic_cache, tmp_path / "b", models=("M1",), trials=1))
-    second = pd.read_parquet(tmp_path / "b" / PREDICTIONS_FILE)
+    second = read_predictions(tmp_path / "b", ("VCD", "GC"))
     seen = first["split"].isin(["train", "val"]).to_numpy()
     for head in ("head", "probe"):
         a = table[table["head"] == head]["prob_GC"].to_numpy()
@@ -150,7 +154,7 @@ def test_missing_features_and_other_data_are_refused(synthetic_cache, tmp_path):
         f"1 of {len(manifest)} pair(s) have no vector" in note and "left out of every model" in note
         for note in result["data"]["notes"]
     ), result["data"]["notes"]
-    predictions = pd.read_parquet(tmp_path / "one-missing" / "predictions.parquet")
+    predictions = read_predictions(tmp_path / "one-missing", ("VCD", "GC"))
     assert "images/other.png" not in set(predictions["image_path"])
     assert predictions.groupby(["model", "head", "trial"]).size().eq(len(manifest) - 1).all()
     manifest["report_text"] = "另一个数据集的报告"
