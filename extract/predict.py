@@ -24,7 +24,7 @@ import pandas as pd
 from extract.run import ExtractConfig
 from extract.run import run as extract_run
 from fuse.head import CENTRING, FeatureSource
-from fuse.predict import DecisionSettings, PredictConfig, load_heads
+from fuse.predict import DecisionSettings, PredictConfig, describe_heads, load_heads
 from fuse.predict import run as predict_run
 from pipeline.cli import stage_main
 from pipeline.config import require_paths, setting
@@ -86,10 +86,11 @@ def _report(config: ExamConfig) -> str:
         raise UserError(f"--report-file {config.report_file}: {error}") from None
 
 
-def _weights_of(config: ExamConfig, encoders: Sequence[str]) -> dict[str, str]:
-    """Each encoder's --weights value, or "" for what extraction recorded."""
+def weights_of(entries: Sequence[str], encoders: Sequence[str]) -> dict[str, str]:
+    """Each encoder's --weights value (`entries`: VALUE for all, or ENCODER=VALUE each), or
+    "" for what extraction recorded."""
     given: dict[str, str] = {}
-    for entry in config.weights:
+    for entry in entries:
         encoder, separator, value = entry.partition("=")
         if not separator:
             given.update(dict.fromkeys(encoders, entry))
@@ -144,8 +145,14 @@ def run(config: ExamConfig) -> dict[str, Any]:
     if missing:
         raise UserError(f"image file(s) not found: {', '.join(missing)}")
     heads = load_heads(config.head, config.kind)
+    if heads[0].clinical is not None:
+        raise UserError(
+            f"{describe_heads(heads)} also takes the clinical columns "
+            f"{', '.join(heads[0].clinical.columns)}, which image files and a report do not "
+            "give: put the exam in a manifest with them and use python -m fuse predict"
+        )
     sources = {source.encoder: source for head in heads for source in head.sources_}
-    weights = _weights_of(config, list(sources))
+    weights = weights_of(config.weights, list(sources))
     with tempfile.TemporaryDirectory(prefix="vlmf-exam-") as folder:
         manifest = Path(folder) / "manifest.csv"
         pd.DataFrame(

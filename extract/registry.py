@@ -118,6 +118,7 @@ LOADERS: dict[str, Loader] = {
     ),
 }
 DEFAULT_LOADERS = {"image": "encoder-image", "text": "encoder-text"}
+PATCH_TOKEN_KEYS = ("blocks", "prefix_tokens")  # see EncoderSpec.patch_tokens
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,13 @@ class EncoderSpec:
     preprocessing: Mapping[str, Any] = field(default_factory=dict)
     tiny_config: Mapping[str, Any] = field(default_factory=dict)  # small config (with model_type)
     tiny_tokenizer: str = ""  # offline tokenizer folder for tiny weights (in MODEL_CONFIGS)
+    # Where Grad-CAM (python -m extract.explain) finds an image encoder's patch tokens:
+    # "blocks", the dotted path (from the loaded model) of its transformer blocks (a
+    # ModuleList), and "prefix_tokens", how many class/register tokens come before the
+    # grid of patches. The map is taken at the last block's input, the tokens that block
+    # mixes: a class-token pooling reads no patch of the last block's output. Empty: no
+    # patch tokens (a CNN such as ALIGN's EfficientNet, or a pair model), which explain refuses.
+    patch_tokens: Mapping[str, Any] = field(default_factory=dict)
     notes: str = ""  # why this source, width or preprocessing was chosen
     origin: str = field(default="", compare=False)  # the file the entry was read from
 
@@ -172,6 +180,23 @@ class EncoderSpec:
                 raise UserError(f"{self.where}, key '{key}': expected a mapping of settings")
         if self.tiny_config and "model_type" not in self.tiny_config:
             raise UserError(f"{self.where}, key 'tiny_config': needs a model_type (e.g. \"bert\")")
+        self._check_patch_tokens()
+
+    def _check_patch_tokens(self) -> None:
+        if not self.patch_tokens:
+            return
+        where = f"{self.where}, key 'patch_tokens'"
+        if self.modality != "image":
+            raise UserError(f"{where}: only image encoders have patch tokens")
+        if not isinstance(self.patch_tokens, Mapping) or set(self.patch_tokens) - set(
+            PATCH_TOKEN_KEYS
+        ):
+            raise UserError(f"{where}: expected a mapping with keys {', '.join(PATCH_TOKEN_KEYS)}")
+        blocks, prefix = self.patch_tokens.get("blocks"), self.patch_tokens.get("prefix_tokens", 1)
+        if not isinstance(blocks, str) or not blocks:
+            raise UserError(f"{where}: 'blocks' must name the model's transformer blocks")
+        if not isinstance(prefix, int) or prefix < 0:
+            raise UserError(f"{where}: 'prefix_tokens' must be a whole number, got {prefix!r}")
 
     @property
     def where(self) -> str:

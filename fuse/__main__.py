@@ -1,9 +1,9 @@
-"""`python -m fuse protocol | report | predict`: train heads on cached features, report on
-them, and apply saved heads to new exams."""
+"""`python -m fuse protocol | report | page | predict`: train heads on cached features, report
+on them, put it all on one HTML page, and apply saved heads to new exams."""
 
 import sys
 
-from fuse import predict, protocol, report
+from fuse import page, predict, protocol, report
 from pipeline.cli import stage_main
 
 PROTOCOL_DESCRIPTION = """\
@@ -38,6 +38,21 @@ REPORT_EXAMPLES = """\
   python -m fuse report --protocol reports/protocol --out reports
 """
 
+PAGE_DESCRIPTION = """\
+Put everything the pipeline found on one static HTML page: the headline numbers, the data
+set (patients, exams, pairs, sites and classes per split; pairs left out and why), the
+report's tables and ROC curves, every analysis of tables.json with its figures, the explain
+stage's heatmaps and pointing game when it ran, and provenance (encoders, weights
+fingerprints, settings, git revision, package versions). It computes nothing new. Figures
+are embedded, nothing is loaded from outside; it prints on A4. --screenshot also writes a
+PNG of it through headless Chromium."""
+
+PAGE_EXAMPLES = """\
+  python -m fuse page --report reports --protocol reports/protocol \\
+      --explain reports/explain --out reports/index.html
+  python -m fuse page ... --screenshot docs/report.png
+"""
+
 PREDICT_DESCRIPTION = """\
 Apply saved heads to new exams: score every image-report pair of a manifest whose features
 were extracted with the heads' encoders (python -m extract, same encoder, weights and
@@ -57,6 +72,7 @@ PREDICT_EXAMPLES = """\
 COMMANDS = {
     "protocol": (protocol.ProtocolConfig, protocol.run, PROTOCOL_DESCRIPTION, PROTOCOL_EXAMPLES),
     "report": (report.ReportConfig, report.run, REPORT_DESCRIPTION, REPORT_EXAMPLES),
+    "page": (page.PageConfig, page.run, PAGE_DESCRIPTION, PAGE_EXAMPLES),
     "predict": (predict.PredictConfig, predict.run, PREDICT_DESCRIPTION, PREDICT_EXAMPLES),
 }
 
@@ -65,9 +81,10 @@ def main(argv: list[str]) -> None:
     """Dispatch to a subcommand; without one, say which exist."""
     if not argv or argv[0] not in COMMANDS:
         print(
-            "usage: python -m fuse {protocol,report,predict} [--help] ...\n"
+            "usage: python -m fuse {protocol,report,page,predict} [--help] ...\n"
             "  protocol  train every model and trial on cached features -> predictions table\n"
             "  report    tables, ROC plots and training curves from that table\n"
+            "  page      everything on one HTML page (reports/index.html)\n"
             "  predict   apply saved heads to the cached features of new exams",
             file=sys.stderr,
         )

@@ -20,6 +20,7 @@ import torch
 
 from cache.store import FeatureSet, read_features, read_provenance
 from fuse.identity import check_image_identity, check_weights, image_keys_here
+from pipeline.clinical import ClinicalColumns, check_clinical_columns
 from pipeline.errors import UserError
 from pipeline.keys import pair_key, text_key
 from pipeline.manifest import LINE_COLUMN, first_lines, load_manifest
@@ -123,6 +124,7 @@ def load_cached_rows(
     expect_weights: str = "",
     expect_dtype: str = "",
     labels_required: bool = True,
+    clinical: ClinicalColumns | None = None,
 ) -> CachedRows:
     """Validate the manifest and align the vectors of every needed feature with its rows.
 
@@ -142,11 +144,13 @@ def load_cached_rows(
         expect_dtype: "" (any) or the dtype every file must have been extracted in.
         labels_required: false for rows to predict: a blank or absent label is read as
             unknown (class index -1).
+        clinical: clinical columns the manifest must hold, with valid values
+            (pipeline.clinical); None: none are read.
 
     Raises:
-        UserError: a bad manifest, a needed feature in none of the files, vectors of other
-            images or of another data set, files whose weights or dtype disagree, or no
-            pair with a vector in every file.
+        UserError: a bad manifest (or bad clinical values), a needed feature in none of
+            the files, vectors of other images or of another data set, files whose weights
+            or dtype disagree, or no pair with a vector in every file.
     """
     table = load_manifest(
         manifest_path,
@@ -156,6 +160,8 @@ def load_cached_rows(
         allow_empty_reports=True,  # extraction skipped them: their pairs are left out
         labels_required=labels_required,
     ).reset_index(drop=True)
+    if clinical is not None:
+        check_clinical_columns(manifest_path, table, clinical)
     index = index_feature_files(feature_paths)
     stored: dict[FeatureId, _Stored] = {}
     for feature in dict.fromkeys(needed):

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -41,8 +42,9 @@ from fuse.exam_model import (
 )
 from fuse.model import FusionHead
 from fuse.probe import ProbeFit, fit_probe
-from fuse.train import HeadSettings, TrainedHead, predict_proba, train_head
+from fuse.train import HeadSettings, TrainedHead, predict_proba, train_head, with_absent
 from fuse.zoo import EXAM_HEAD, PROJECTED_HEADS, ModelSpec
+from pipeline.clinical import ClinicalColumns, ClinicalEncoding
 from pipeline.errors import UserError
 from pipeline.metrics import (
     choose_threshold,
@@ -116,6 +118,8 @@ class FittedHead:
         target_sensitivity, target_specificity: the rates the stored operating points
             reach on validation.
         origin: where the head comes from (trial, fold, seed, ...), kept with it.
+        clinical: the clinical columns of a model that takes them (`model.clinical`); the
+            encoding fitted on the training rows (`clinical_`) is its last input.
     """
 
     def __init__(
@@ -129,6 +133,7 @@ class FittedHead:
         target_sensitivity: float = 0.95,
         target_specificity: float = 0.95,
         origin: Mapping[str, Any] | None = None,
+        clinical: ClinicalColumns | None = None,
     ) -> None:
         if kind not in KINDS:
             raise ValueError(f"kind {kind!r}: choose from {KINDS}")
@@ -141,6 +146,7 @@ class FittedHead:
         self.target_sensitivity = target_sensitivity
         self.target_specificity = target_specificity
         self.origin = dict(origin or {})
+        self.clinical = clinical if model.clinical else None
 
     # Fitting
 
@@ -156,6 +162,7 @@ class FittedHead:
         report_groups: torch.Tensor | None = None,
         external_sites: Mapping[str, torch.Tensor] | None = None,
         training_sites: Sequence[str] = (),
+        table: pd.DataFrame | None = None,
         exams: Sequence | np.ndarray | None = None,
     ) -> FittedHead:
         """Fit on `train_rows`, choose the epoch (or C) and the thresholds on `val_rows`
@@ -172,9 +179,23 @@ class FittedHead:
             training_sites: the sites of the training rows, which are never shifted.
             exams: each row's exam (any hashable id); needed by an exam-level head, which
                 takes whole exams (a split never cuts one), unused by the others.
+            table: the manifest rows, row-aligned with `inputs`: their clinical columns
+                are read by a model that takes them (and never standardised or centred
+                as the vectors are: the encoding does its own, and a hospital's older
+                patients are not a camera's offset).
         """
         if len(sources) != len(inputs):
             raise ValueError(f"{len(inputs)} inputs but {len(sources)} sources")
+        self.clinical_ = None
+        if self.model.clinical:
+            if not (self.clinical and self.clinical.columns):
+                raise UserError(
+                    f"{self.model.name} takes clinical variables: declare clinical_numeric "
+                    "or clinical_categorical (manifest columns)"
+                )
+            if table is None:
+                raise ValueError(f"{self.model.name} reads its clinical columns from `table`")
+            self.clinical_ = ClinicalEncoding.fit(table.iloc[train_rows.numpy()], self.clinical)
         self.sources_ = tuple(sources)
         self.training_sites_ = tuple(dict.fromkeys(training_sites))
         self.standardisation_ = (
@@ -203,7 +224,9 @@ class FittedHead:
                 if site in self.site_shifts_
             },
             self.site_shifts_,
-        )
+        ) + self._clinical_input(table)
+        # The stand-in for an input that selection leaves out, as train_head computes it.
+        self.absent_ = [vectors[train_rows].float().mean(dim=0) for vectors in ready]
         groups = report_groups if report_groups is not None else torch.arange(len(labels))
         layout = self._layout(exams, len(labels))
         samples = self._samples(ready, layout)
@@ -215,6 +238,8 @@ class FittedHead:
                 samples, labels, groups, train_rows, val_rows, seed, layout
             )
             self.network_ = trained.model
+            # the exam head's samples end with the mask, which no selection drops
+            self.inputs_used_ = trained.inputs_used[: len(ready)]
             self.training_ = {
                 "best_epoch": trained.best_epoch,
                 "first_eligible_epoch": trained.first_eligible_epoch,
@@ -224,11 +249,14 @@ class FittedHead:
             self.history_ = trained.history
         else:
             self.probe_ = fit_probe(samples, labels, train_rows, val_rows, seed)
+            self.inputs_used_ = (True,) * len(ready)
             self.training_ = {"probe_c": self.probe_.c, "probe_val_loss": self.probe_.val_loss}
             self.history_ = []
         # Scored as the table scores them (all rows, or exams, at once), so the thresholds
         # are cuts on exactly the numbers the table holds.
-        val_scores = self._scored(samples)[0][val_rows.numpy(), -1]
+        val_scores = self._scored(self._samples(self._gated(ready), layout))[0][
+            val_rows.numpy(), -1
+        ]
         val_labels = labels[val_rows].numpy()
         self.thresholds_ = {
             "youden": choose_threshold(val_labels, val_scores),
@@ -253,17 +281,16 @@ class FittedHead:
         layout: ExamLayout | None,
     ) -> TrainedHead:
         torch.manual_seed(seed)
-        network = self._network([source.width for source in self.sources_])
+        network = self._network()
         settings = self.settings
-        if layout is not None and settings.modality_dropout:
-            raise UserError(
-                f"modality_dropout is {settings.modality_dropout}; the exam-level "
-                f"{self.model.name} has no modality dropout yet: set it to 0 or leave "
-                f"{self.model.name} out of the models"
-            )
-        if layout is not None:  # batch_size counts pairs for every head
+        if layout is not None:
+            # batch_size counts pairs for every head; modality dropout replaces one pair's
+            # input, which has no exam-level counterpart here yet, so the exam head trains
+            # on every input (README, Exam-level model)
             settings = dataclasses.replace(
-                settings, batch_size=exam_batch_size(settings.batch_size, layout, train)
+                settings,
+                batch_size=exam_batch_size(settings.batch_size, layout, train),
+                modality_dropout=0.0,
             )
         return train_head(network, samples, labels, groups, train, val, settings, seed)
 
@@ -298,38 +325,50 @@ class FittedHead:
             return [exam_means(vectors, layout) for vectors in prepared]
         return exam_inputs(prepared, layout, self._per_image())
 
-    def _network(self, widths: Sequence[int]) -> FusionHead:
-        names = [
-            f"{modality}{position}" for position, (_, modality) in enumerate(self.model.inputs)
+    def _network(self) -> FusionHead:
+        """A fresh network for the head's inputs: its sources, then the clinical encoding."""
+        inputs = [
+            (f"{modality}{position}", modality, source.width)
+            for position, ((_, modality), source) in enumerate(
+                zip(self.model.inputs, self.sources_, strict=True)
+            )
         ]
+        if self.clinical_ is not None:
+            inputs.append(("clinical", "clinical", self.clinical_.width))
         projection_of = {
             "image": self.settings.image_projection,
             "text": self.settings.text_projection,
+            "clinical": self.settings.clinical_projection,
         }
         vlmf = self.model.head in PROJECTED_HEADS
         fusion = dict(
-            input_widths=dict(zip(names, widths, strict=True)),
+            input_widths={name: width for name, _, width in inputs},
             projections=(
-                {
-                    name: projection_of[modality]
-                    for name, (_, modality) in zip(names, self.model.inputs, strict=True)
-                }
-                if vlmf
-                else {}
+                {name: projection_of[modality] for name, modality, _ in inputs} if vlmf else {}
             ),
             hidden_widths=self.settings.hidden_widths,
             dropout=self.settings.dropout,
             num_classes=len(self.classes),
             contrastive_width=self.settings.contrastive_width if vlmf else 0,
+            unpaired=("clinical",),
         )
         if self.scores_exams:
-            (pooled,) = (
-                name for name, per_image in zip(names, self._per_image(), strict=True) if per_image
-            )
+            (pooled,) = (name for name, modality, _ in inputs if modality == "image")
             return ExamFusionHead(
                 pooled=pooled, attention_width=self.settings.attention_width, **fusion
             )
         return FusionHead(**fusion)
+
+    def _clinical_input(self, table: pd.DataFrame | None) -> list[torch.Tensor]:
+        """The encoded clinical variables as one more input; none for a head without them."""
+        if self.clinical_ is None:
+            return []
+        if table is None:  # a caller's slip, not the user's
+            raise ValueError(
+                f"this {self.model.name} {self.kind} takes the clinical columns "
+                f"{', '.join(self.clinical_.columns.columns)}: pass the manifest rows as `table`"
+            )
+        return [torch.from_numpy(self.clinical_.encode(table))]
 
     # Applying
 
@@ -350,6 +389,11 @@ class FittedHead:
             for vectors, stats in zip(inputs, self.standardisation_, strict=True)
         ]
 
+    def _gated(self, prepared: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Inputs that selection left out (see HeadSettings.modality_dropout) at their
+        training mean, the stand-in the head was trained with."""
+        return with_absent(prepared, self.absent_, self.inputs_used_)
+
     def _batch_shifts(
         self, standardised: Sequence[torch.Tensor], sites: Sequence[str]
     ) -> dict[str, list[torch.Tensor]]:
@@ -368,21 +412,25 @@ class FittedHead:
         inputs: Sequence[torch.Tensor],
         sites: Sequence[str | None] | None = None,
         centring: str = "stored",
+        table: pd.DataFrame | None = None,
     ) -> list[torch.Tensor]:
-        """The head's own inputs: standardised, and centred per site as `centring` says.
+        """The head's own inputs: standardised, and centred per site as `centring` says,
+        then the encoded clinical variables of a head that takes them.
 
         Args:
             inputs: raw vectors, one matrix per input, in the model's order.
             sites: each row's site; None (or a None entry) leaves rows uncentred.
             centring: a key of CENTRING.
+            table: the manifest rows, row-aligned with `inputs` (read for clinical columns).
         """
         self._check_fitted()
         if centring not in CENTRING:
             raise UserError(f"centring {centring!r}: choose from {', '.join(CENTRING)}")
         self.check_widths([vectors.shape[1] for vectors in inputs])
         standardised = self._standardised(inputs)
+        clinical = self._clinical_input(table)
         if sites is None or centring == "none":
-            return standardised
+            return self._gated(standardised + clinical)
         if centring == "batch":
             shifts = self._batch_shifts(standardised, sites)
         else:
@@ -393,7 +441,7 @@ class FittedHead:
             for site in shifts
             if (site_array == site).any()
         }
-        return _shifted(standardised, rows_of_site, shifts)
+        return self._gated(_shifted(standardised, rows_of_site, shifts) + clinical)
 
     def _scored(self, samples: Sequence[torch.Tensor]) -> tuple[np.ndarray, np.ndarray | None]:
         """Probabilities [samples, classes], and the attention weights [exams, slots] of an
@@ -469,10 +517,11 @@ class FittedHead:
         sites: Sequence[str | None] | None = None,
         centring: str = "stored",
         exams: Sequence | np.ndarray | None = None,
+        table: pd.DataFrame | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Class probabilities [rows, classes] of raw vectors (see `prepared`), and each
         row's attention weight in its exam (see scores_of_prepared)."""
-        return self.scores_of_prepared(self.prepared(inputs, sites, centring), exams)
+        return self.scores_of_prepared(self.prepared(inputs, sites, centring, table), exams)
 
     def predict_proba(
         self,
@@ -480,9 +529,10 @@ class FittedHead:
         sites: Sequence[str | None] | None = None,
         centring: str = "stored",
         exams: Sequence | np.ndarray | None = None,
+        table: pd.DataFrame | None = None,
     ) -> np.ndarray:
         """Class probabilities [rows, classes] of raw vectors (see predict_with_attention)."""
-        return self.predict_with_attention(inputs, sites, centring, exams)[0]
+        return self.predict_with_attention(inputs, sites, centring, exams, table)[0]
 
     # Checks
 
@@ -542,6 +592,8 @@ class FittedHead:
         tensors: dict[str, torch.Tensor] = {}
         for position, mean in enumerate(self.train_mean_):
             tensors[f"train_mean.{position}"] = mean
+        for position, mean in enumerate(self.absent_):
+            tensors[f"absent.{position}"] = mean
         for position, stats in enumerate(self.standardisation_ or ()):
             tensors[f"standardise.{position}.mean"] = stats["mean"]
             tensors[f"standardise.{position}.sd"] = stats["sd"]
@@ -571,9 +623,11 @@ class FittedHead:
             "target_specificity": self.target_specificity,
             "origin": self.origin,
             "sources": [dataclasses.asdict(source) for source in self.sources_],
+            "clinical": self.clinical_.to_dict() if self.clinical_ is not None else None,
             "training_sites": list(self.training_sites_),
             "external_sites": sites,
             "thresholds": self.thresholds_,
+            "inputs_used": list(self.inputs_used_),
             "training": self.training_,
         }
         if self.kind == "probe":
@@ -654,6 +708,11 @@ class FittedHead:
             config["origin"],
         )
         head.sources_ = tuple(FeatureSource(**source) for source in config["sources"])
+        clinical = config.get("clinical")  # absent from heads saved before clinical inputs
+        head.clinical_ = ClinicalEncoding.from_dict(clinical) if clinical else None
+        if model.clinical != (head.clinical_ is not None):
+            raise ValueError("the model's clinical input and the saved encoding disagree")
+        head.clinical = head.clinical_.columns if head.clinical_ is not None else None
         positions = range(len(head.sources_))
         head.train_mean_ = [tensors[f"train_mean.{position}"] for position in positions]
         head.standardisation_ = (
@@ -673,10 +732,16 @@ class FittedHead:
             for index, site in enumerate(config["external_sites"])
         }
         head.thresholds_ = dict(config["thresholds"])
+        head.absent_ = [
+            tensors[f"absent.{position}"]
+            for position in range(len([name for name in tensors if name.startswith("absent.")]))
+        ]
+        # heads saved before input selection read every input
+        head.inputs_used_ = tuple(config.get("inputs_used") or (True,) * len(head.absent_))
         head.training_ = dict(config["training"])
         head.history_ = []
         if head.kind == "head":
-            network = head._network([source.width for source in head.sources_])
+            network = head._network()
             prefix = "network."
             network.load_state_dict(
                 {

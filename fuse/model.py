@@ -36,10 +36,10 @@ class FusionHead(nn.Module):
 
     With projections this is VLMF-Net's head: the vision projector f_vp (-> 512) and the
     text projector f_tp (-> 2048), each output L2-normalised, concatenated, and an MLP
-    with ReLU and dropout. With exactly two projected inputs, two small linear maps take
-    the projections to one shared width for the NT-Xent loss (the projections' widths
-    differ). Without projections the inputs go straight into the MLP: the frozen-feature
-    head used for baselines.
+    with ReLU and dropout. With exactly two projected inputs besides the `unpaired` ones,
+    two small linear maps take those projections to one shared width for the NT-Xent loss
+    (the projections' widths differ). Without projections the inputs go straight into the
+    MLP: the frozen-feature head used for baselines.
 
     Args:
         input_widths: width of each input, in the order `forward` receives them.
@@ -48,6 +48,8 @@ class FusionHead(nn.Module):
         dropout: dropout probability after each hidden layer.
         num_classes: output logits.
         contrastive_width: shared width for NT-Xent; 0 for no contrastive embeddings.
+        unpaired: projected inputs fused but left out of NT-Xent (clinical variables: the
+            loss pairs an image with its report).
     """
 
     def __init__(
@@ -59,6 +61,7 @@ class FusionHead(nn.Module):
         dropout: float,
         num_classes: int,
         contrastive_width: int,
+        unpaired: Sequence[str] = (),
     ) -> None:
         super().__init__()
         self.input_names = tuple(input_widths)
@@ -77,11 +80,12 @@ class FusionHead(nn.Module):
             fused_width = width
         layers.append(Dense(fused_width, num_classes))
         self.classifier = nn.Sequential(*layers)
-        contrastive = contrastive_width > 0 and len(self.projectors) == 2
+        paired = [name for name in self.input_names if name in projections and name not in unpaired]
+        contrastive = contrastive_width > 0 and len(paired) == 2
         self.contrastive = nn.ModuleDict(
             {
                 name: Dense(projections[name], contrastive_width)
-                for name in (self.input_names if contrastive else ())
+                for name in (paired if contrastive else ())
             }
         )
 
@@ -107,5 +111,6 @@ class FusionHead(nn.Module):
         embeddings = tuple(
             self.contrastive[name](vectors)
             for name, vectors in zip(self.input_names, parts, strict=True)
+            if name in self.contrastive
         )
         return logits, embeddings

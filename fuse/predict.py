@@ -10,6 +10,7 @@ decision, never used.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,8 +85,8 @@ def load_heads(paths: Sequence[str | Path], kind: str = "head") -> list[FittedHe
     """The heads that `paths` name (files, or folders of one model's heads).
 
     Raises:
-        UserError: nothing found, or heads that cannot be averaged (other models' inputs
-            or other classes).
+        UserError: nothing found, or heads that cannot be averaged (other models' inputs,
+            clinical columns or classes).
     """
     heads = []
     for path in map(Path, paths):
@@ -97,10 +98,14 @@ def load_heads(paths: Sequence[str | Path], kind: str = "head") -> list[FittedHe
         raise UserError("no head given: pass --head FILE.json or a folder of heads")
     first = heads[0]
     for other in heads[1:]:
-        if other.model.inputs != first.model.inputs or other.classes != first.classes:
+        if (other.model.inputs, other.clinical, other.classes) != (
+            first.model.inputs,
+            first.clinical,
+            first.classes,
+        ):
             raise UserError(
-                f"{first.describe()} and {other.describe()} take other features or classes; "
-                "an ensemble averages heads of one model"
+                f"{first.describe()} and {other.describe()} take other features, clinical "
+                "columns or classes; an ensemble averages heads of one model"
             )
     return heads
 
@@ -116,7 +121,7 @@ def describe_heads(heads: Sequence[FittedHead]) -> str:
     )
 
 
-def _row_sites(table: pd.DataFrame, head: FittedHead, centring: str) -> list[str | None]:
+def row_sites(table: pd.DataFrame, head: FittedHead, centring: str) -> list[str | None]:
     """Which rows a head centres, by site: a stored site's rows unless the site also trained
     the head and the row is not marked external; for a batch, every site (the head leaves
     its training sites out)."""
@@ -159,13 +164,30 @@ def score(
         probabilities.append(
             head.predict_proba(
                 inputs,
-                _row_sites(data.table, head, centring),
+                row_sites(data.table, head, centring),
                 centring,
                 exams=exam_ids(data.table),
+                table=data.table,
             )
         )
         thresholds.append(head.thresholds_[operating_point])
     return np.mean(probabilities, axis=0), float(np.mean(thresholds))
+
+
+def _warn_of_unseen_levels(heads: Sequence[FittedHead], data: CachedRows) -> None:
+    """Name category values that some head's training rows never had (they set no level)."""
+    unseen: dict[str, dict[str, int]] = {}
+    for head in heads:
+        if head.clinical_ is not None:
+            for column, counts in head.clinical_.unseen_levels(data.table).items():
+                unseen.setdefault(column, {}).update(counts)
+    for column, counts in unseen.items():
+        values = ", ".join(f"{value!r} ({rows} rows)" for value, rows in counts.items())
+        print(
+            f"warning: clinical column '{column}': {values} never seen in the training rows "
+            "of the head(s); those rows get no level of it (see pipeline/clinical.py)",
+            file=sys.stderr,
+        )
 
 
 def decide(positive: np.ndarray, threshold: float, classes: Sequence[str]) -> np.ndarray:
@@ -185,7 +207,9 @@ def run(config: PredictConfig) -> dict[str, Any]:
         classes,
         image_root=config.image_root or None,
         labels_required=False,
+        clinical=heads[0].clinical,
     )
+    _warn_of_unseen_levels(heads, data)
     probabilities, threshold = score(heads, data, config.centring, config.operating_point)
     images = data.table.loc[:, list(IMAGE_COLUMNS)].copy()
     for position, name in enumerate(classes):

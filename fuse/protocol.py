@@ -41,6 +41,7 @@ from fuse.train import (
 )
 from fuse.zoo import FROZEN_NOTE, ModelSpec, protocol_models, select_models
 from pipeline.atomic import atomic_folder
+from pipeline.clinical import ClinicalColumns, ClinicalSettings
 from pipeline.config import config_to_dict, require_paths, setting
 from pipeline.errors import UserError
 from pipeline.keys import file_key
@@ -52,8 +53,9 @@ UNUSED_SPLIT = "unused"  # a training patient outside a head's label fraction
 
 
 @dataclass(frozen=True)
-class ProtocolConfig(HeadSettings):
-    """Inputs, outputs and choices of a protocol run; the head's settings are inherited."""
+class ProtocolConfig(ClinicalSettings, HeadSettings):
+    """Inputs, outputs and choices of a protocol run; the head's settings and the clinical
+    columns' declaration are inherited."""
 
     manifest: str = setting("", "manifest CSV/Parquet the features were extracted from")
     features: tuple[str, ...] = setting(
@@ -75,7 +77,8 @@ class ProtocolConfig(HeadSettings):
         ("M4", "M1", "M2", "M3", "CLIP", "ALIGN", "BLIP-2", "ViLT", "Chinese-CLIP"),
         "models to train: M4 (VLMF-Net), ablations M1 image, M2 report, M3 ViT without "
         "Q-Former + report; frozen-feature baselines CLIP, ALIGN, BLIP-2, ViLT, Chinese-CLIP; "
-        "M4-exam (M4 on whole exams, attention over their images)",
+        "M4-clinical (M4 + the clinical columns declared below); M4-exam (M4 on whole exams, "
+        "attention over their images)",
     )
     image_encoder: str = setting("blip2-qformer", "encoder of M1's and M4's image features")
     text_encoder: str = setting("llama3", "encoder of M2's, M3's and M4's report features")
@@ -186,6 +189,8 @@ def _attributions(
 ) -> dict[str, np.ndarray]:
     """Each input modality's attribution share per row, for heads of several modalities."""
     modalities = [modality for _, modality in head.model.inputs]
+    if head.clinical_ is not None:
+        modalities.append("clinical")  # the head's last input
     if len(set(modalities)) < 2:
         return {}
     shares = head.attribution_shares(prepared, exams)
@@ -228,6 +233,7 @@ def _fit(
             "seed": job.split.seed,
             "fraction": job.fraction,
         },
+        clinical=ClinicalColumns.from_settings(config),
     )
     return head.fit(
         [data.features[feature] for feature in job.model.inputs],
@@ -239,6 +245,7 @@ def _fit(
         report_groups=data.report_groups,
         external_sites=_external_sites(data, job),
         training_sites=data.table["site"].to_numpy()[job.rows["train"].numpy()].tolist(),
+        table=data.table,
         exams=exam_ids(data.table),
     )
 
@@ -282,6 +289,8 @@ def _data_identity(config: ProtocolConfig, data: CachedRows) -> dict[str, Any]:
                 "weights_fingerprint": provenance.get("weights_fingerprint"),
                 "pooling": provenance.get("pooling"),
                 "dtype": provenance.get("dtype"),
+                "device_type": provenance.get("device_type"),
+                "package_versions": provenance.get("package_versions"),  # of the extraction
             }
             for (encoder, modality), provenance in data.provenance.items()
         },
@@ -339,6 +348,14 @@ def run(config: ProtocolConfig) -> dict[str, Any]:
         protocol_models(config.image_encoder, config.text_encoder, config.vit_encoder),
         config.models,
     )
+    clinical = ClinicalColumns.from_settings(config)
+    takes_clinical = [model.name for model in models if model.clinical]
+    if takes_clinical and not clinical.columns:
+        raise UserError(
+            f"model(s) {', '.join(takes_clinical)} take clinical variables, but none are "
+            "declared: name manifest columns with clinical_numeric and/or "
+            "clinical_categorical, or leave the model(s) out"
+        )
     unknown = sorted(set(config.save_models) - {model.name for model in models})
     if config.heads and unknown:
         raise UserError(
@@ -370,6 +387,9 @@ def _run_locked(
         expect_dtype=config.expect_dtype,
         image_root=config.image_root or None,
         labels_per_exam=config.labels_per_exam,
+        clinical=ClinicalColumns.from_settings(config)
+        if any(model.clinical for model in models)
+        else None,
     )
     plan = plan_trials(
         data.table, config.split, config.trials, config.folds, config.split_fractions, config.seed
@@ -410,7 +430,7 @@ def _run_locked(
             if head is None:
                 settings = dataclasses.replace(config, learning_rate=learning_rate_of[name])
                 head = _fit(job, data, kind, settings, config)
-            prepared = head.prepared(raw, sites)
+            prepared = head.prepared(raw, sites, table=data.table)
             probabilities, attention = head.scores_of_prepared(prepared, exams)
             records.append(_record(job, head, time.perf_counter() - started, training_patients))
             if records[-1]["fallback_to_last_epoch"]:

@@ -37,7 +37,7 @@ from fuse.schema import (
 )
 from fuse.zoo import EXAM_HEAD, FROZEN_NOTE
 from pipeline.atomic import staged_entries
-from pipeline.config import require_paths, setting
+from pipeline.config import config_to_dict, require_paths, setting
 from pipeline.errors import UserError
 from pipeline.lock import output_lock
 from pipeline.metrics import roc_auc, roc_points
@@ -136,7 +136,7 @@ def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> lis
 
 def _results_table(
     tables: Mapping[str, pd.DataFrame], models: Sequence[str], split: str, point: str, classes
-) -> list[str]:
+) -> tuple[list[str], list[list[str]]]:
     summary, ci, tested = tables["summary"], tables["ci"], tables["trial_tests"]
     metrics = [*TABLE_METRICS[:5], *(f"recall_{name}" for name in classes), *TABLE_METRICS[5:]]
     header = [
@@ -164,10 +164,12 @@ def _results_table(
                 _p(against["paired_t_p"].iloc[0]) if len(against) else "–",
             ]
         )
-    return _markdown_table(header, rows)
+    return header, rows
 
 
-def _probe_table(summary: pd.DataFrame, models: Sequence[str], sets: Sequence[str]) -> list[str]:
+def _probe_table(
+    summary: pd.DataFrame, models: Sequence[str], sets: Sequence[str]
+) -> tuple[list[str], list[list[str]]]:
     header = ["model"]
     for split in sets:
         header += [f"head AUC ({split})", f"probe AUC ({split})"]
@@ -180,10 +182,12 @@ def _probe_table(summary: pd.DataFrame, models: Sequence[str], sets: Sequence[st
         ]
         for model in models
     ]
-    return _markdown_table(header, rows)
+    return header, rows
 
 
-def _format_value(column: str, value: Any) -> str:
+def format_value(column: str, value: Any) -> str:
+    """A table cell as the report prints it: floats to 3 decimals, p-values as `_p`, "–"
+    for missing."""
     if value is pd.NA or value is None:
         return "–"
     if isinstance(value, float | np.floating):
@@ -201,7 +205,7 @@ def frame_markdown(frame: pd.DataFrame) -> list[str]:
     return _markdown_table(
         [str(column) for column in frame.columns],
         [
-            [_format_value(str(column), value) for column, value in row.items()]
+            [format_value(str(column), value) for column, value in row.items()]
             for _, row in frame.iterrows()
         ],
     )
@@ -218,23 +222,26 @@ def _analysis_markdown(name: str, result: AnalysisResult) -> list[str]:
     return lines
 
 
-def _markdown(
-    tables: Mapping[str, pd.DataFrame],
-    results: Mapping[str, AnalysisResult],
-    runs: Mapping[str, Any],
-    classes,
-) -> str:
+@dataclass(frozen=True)
+class ResultsTable:
+    """One of the report's main tables: its heading, a sentence under it, header and cells."""
+
+    title: str
+    note: str
+    header: list[str]
+    rows: list[list[str]]
+
+
+def results_preamble(tables: Mapping[str, pd.DataFrame], runs: Mapping[str, Any]) -> str:
+    """What every number of the main tables is: trials, split mode, level, CIs, tests.
+
+    Args:
+        tables: the evaluation's tables ("summary" and "pooled" are read).
+        runs: the protocol's run records.
+    """
     settings = runs["settings"]
-    models = list(runs["models"])
-    roles = {name: spec["role"] for name, spec in runs["models"].items()}
-    sets = [split for split in SET_TITLES if split in set(tables["summary"]["set"])]
-    baselines = [m for m in models if roles[m] == "baseline"] + [
-        m for m in models if roles[m] == "proposed"
-    ]
-    ablation = sorted(m for m in models if roles[m] in ("ablation", "proposed"))
-    lines = [
-        "# Results",
-        "",
+    sets = set(tables["summary"]["set"])
+    return (
         f"{FROZEN_NOTE} Every number is the mean (SD) over the trials of its model, counted "
         f"from the predictions table (trained heads: {trial_counts(tables['pooled'])}; each "
         "table's 'trials' column gives its own), split mode "
@@ -249,22 +256,43 @@ def _markdown(
             "vectors, no labels; centre_external)."
             if settings.get("centre_external") and "external" in sets
             else ""
-        ),
-        "",
-        "Analyses run: " + ", ".join(results) + ".",
-        "",
+        )
+        + _exam_level_note(runs)
+    )
+
+
+def _exam_level_note(runs: Mapping[str, Any]) -> str:
+    """What the image-level rows of exam-level models are, when the run has any."""
+    exam_models = [name for name, spec in runs["models"].items() if spec.get("head") == EXAM_HEAD]
+    if not exam_models:
+        return ""
+    return (
+        f" Exam-level models ({', '.join(exam_models)}) score whole exams: every image row "
+        "repeats its exam's probability, so their image-level numbers weight each exam by its "
+        "image count; their comparable level is the exam level (section 'Image, exam and "
+        "patient level'). Their probe is a logistic regression on each exam's mean vectors, "
+        "and the table's attention column holds each image's weight in its exam."
+    )
+
+
+def results_tables(
+    tables: Mapping[str, pd.DataFrame], runs: Mapping[str, Any], classes
+) -> list[ResultsTable]:
+    """The paper's Tables 2-4, every model at the validation-chosen cut, heads beside probes.
+
+    Args:
+        tables: the evaluation's tables ("summary", "ci" and "trial_tests" are read).
+        runs: the protocol's run records (its models and their roles).
+        classes: class names, negative first.
+    """
+    models = list(runs["models"])
+    roles = {name: spec["role"] for name, spec in runs["models"].items()}
+    sets = [split for split in SET_TITLES if split in set(tables["summary"]["set"])]
+    baselines = [m for m in models if roles[m] == "baseline"] + [
+        m for m in models if roles[m] == "proposed"
     ]
-    exam_models = [name for name in models if runs["models"][name].get("head") == EXAM_HEAD]
-    if exam_models:
-        lines += [
-            f"Exam-level models ({', '.join(exam_models)}) score whole exams: every image row "
-            "repeats its exam's "
-            "probability, so their image-level numbers weight each exam by its image count; "
-            "their comparable level is the exam level (section 'Image, exam and patient "
-            "level'). Their probe is a logistic regression on each exam's mean vectors, and "
-            "the table's attention column holds each image's weight in its exam.",
-            "",
-        ]
+    ablation = sorted(m for m in models if roles[m] in ("ablation", "proposed"))
+    found = []
     numbered = [
         ("Table 2", "test", baselines),
         ("Table 3", "external", baselines),
@@ -274,19 +302,50 @@ def _markdown(
         if split not in sets or not chosen:
             continue
         kind = "ablation" if title == "Table 4" else "baselines"
-        lines += [f"## {title}: {kind}, {SET_TITLES[split]} (image level)", ""]
-        lines += _results_table(tables, chosen, split, "0.5", classes) + [""]
+        found.append(
+            ResultsTable(
+                f"{title}: {kind}, {SET_TITLES[split]} (image level)",
+                "",
+                *_results_table(tables, chosen, split, "0.5", classes),
+            )
+        )
     for split in sets:
-        lines += [
-            f"## All models at the validation-chosen threshold, {SET_TITLES[split]} (image level)",
-            "",
-            f"{OPERATING_POINTS['val']}.",
-            "",
-        ]
-        lines += _results_table(tables, models, split, "val", classes) + [""]
+        found.append(
+            ResultsTable(
+                f"All models at the validation-chosen threshold, {SET_TITLES[split]} (image level)",
+                f"{OPERATING_POINTS['val']}.",
+                *_results_table(tables, models, split, "val", classes),
+            )
+        )
     if (tables["summary"]["head"] == "probe").any():
-        lines += ["## Heads beside logistic-regression probes on the same vectors", ""]
-        lines += _probe_table(tables["summary"], models, sets) + [""]
+        found.append(
+            ResultsTable(
+                "Heads beside logistic-regression probes on the same vectors",
+                "",
+                *_probe_table(tables["summary"], models, sets),
+            )
+        )
+    return found
+
+
+def _markdown(
+    tables: Mapping[str, pd.DataFrame],
+    results: Mapping[str, AnalysisResult],
+    runs: Mapping[str, Any],
+    classes,
+) -> str:
+    lines = [
+        "# Results",
+        "",
+        results_preamble(tables, runs),
+        "",
+        "Analyses run: " + ", ".join(results) + ".",
+        "",
+    ]
+    for table in results_tables(tables, runs, classes):
+        lines += [f"## {table.title}", ""]
+        lines += [table.note, ""] if table.note else []
+        lines += _markdown_table(table.header, table.rows) + [""]
     for name, result in results.items():
         lines += _analysis_markdown(name, result)
     return "\n".join(lines) + "\n"
@@ -424,6 +483,7 @@ def run(config: ReportConfig) -> dict[str, pd.DataFrame]:
             {
                 "note": FROZEN_NOTE,
                 "settings": runs["settings"],
+                "report_settings": config_to_dict(config),
                 "data": runs["data"],
                 **{
                     name: table.to_dict(orient="records")
@@ -435,6 +495,9 @@ def run(config: ReportConfig) -> dict[str, pd.DataFrame]:
                     name: {
                         "title": result.title,
                         "notes": result.notes,
+                        # the page finds each figure at plots/<name>_<figure>.png
+                        "figures": list(result.figures),
+                        "shown": list(result.tables if result.shown is None else result.shown),
                         **{
                             table: frame.to_dict(orient="records")
                             for table, frame in result.tables.items()

@@ -37,6 +37,9 @@ class HeadSettings:
 
     image_projection: int = setting(512, "width of the vision projector f_vp's output")
     text_projection: int = setting(2048, "width of the text projector f_tp's output")
+    clinical_projection: int = setting(
+        32, "width of the clinical variables' projector (models that take them)", at_least=1
+    )
     hidden_widths: tuple[int, ...] = setting(
         (512, 128), "widths of the classifier's hidden fully connected layers"
     )
@@ -71,11 +74,13 @@ class HeadSettings:
     )
     batch_size: int = setting(64, "image-report pairs per optimisation step", at_least=1)
     modality_dropout: float = setting(
-        0.0,
+        0.3,
         "probability that a training pair's input (image or report) is replaced by the "
-        "training rows' mean, never every input of one pair: one head then also serves "
-        "pairs whose report (or image) is missing, and cannot lean on one modality alone; "
-        "0: off (the paper)",
+        "training rows' mean, never every input of one pair; selection then also scores "
+        "each input alone on validation and keeps the best epoch and input set: a "
+        "modality that only adds noise is left out instead of dragging the fusion down, "
+        "and one head serves pairs whose report is missing (README, Modality analyses); "
+        "0: off, every input always used (the paper)",
         at_least=0,
     )
     selection: str = setting(
@@ -102,6 +107,7 @@ class TrainedHead:
     history: list[dict[str, float]] = field(default_factory=list)  # one entry per epoch
     fallback: bool = False  # no epoch was eligible: the last epoch was kept
     first_eligible_epoch: int | None = None  # the earliest epoch selection could keep
+    inputs_used: tuple[bool, ...] = ()  # which inputs the kept head reads (the rest: absent)
 
     @property
     def epochs_trained(self) -> int:
@@ -118,6 +124,10 @@ def check_settings(settings: HeadSettings) -> None:
             be its last, never-selected epoch.
     """
     check_declared(settings)
+    if settings.modality_dropout >= 1:
+        raise UserError(
+            f"--modality-dropout is {settings.modality_dropout}: give a probability below 1"
+        )
     if settings.warmup_epochs >= settings.epochs:
         raise UserError(
             f"--warmup-epochs is {settings.warmup_epochs} and --epochs {settings.epochs}: "
@@ -233,6 +243,54 @@ def modality_dropped(
     ]
 
 
+def input_variants(inputs: int, settings: HeadSettings) -> list[tuple[bool, ...]]:
+    """The input sets selection may choose from: every input, and, for a head trained with
+    modality dropout (which has seen each input alone), each input alone."""
+    every = (True,) * inputs
+    if settings.modality_dropout <= 0 or inputs < 2:
+        return [every]
+    return [every, *(tuple(other == kept for other in range(inputs)) for kept in range(inputs))]
+
+
+def with_absent(
+    inputs: Sequence[torch.Tensor], absent: Sequence[torch.Tensor], used: Sequence[bool]
+) -> list[torch.Tensor]:
+    """`inputs` with every input not `used` replaced by its `absent` vector."""
+    return [
+        vectors if keep else mean.to(vectors.dtype).expand_as(vectors)
+        for vectors, mean, keep in zip(inputs, absent, used, strict=True)
+    ]
+
+
+def _best_variant(
+    model: FusionHead,
+    val_inputs: Sequence[torch.Tensor],
+    val_labels: torch.Tensor,
+    absent: Sequence[torch.Tensor],
+    variants: Sequence[tuple[bool, ...]],
+    settings: HeadSettings,
+    num_classes: int,
+    epoch: int,
+) -> tuple[dict, torch.Tensor]:
+    """This epoch's validation record of the best input variant (eligible ones first)."""
+    best: tuple[bool, dict, torch.Tensor] | None = None
+    for used in variants:
+        logits = predict_logits(model, with_absent(val_inputs, absent, used), settings.precision)
+        record = {
+            "val_loss": float(F.cross_entropy(logits, val_labels)),
+            "val_auc": roc_auc(val_labels.numpy(), torch.softmax(logits, -1)[:, -1].numpy()),
+            "inputs_used": used,
+        }
+        eligible = _eligible(epoch, settings, len(torch.unique(logits.argmax(dim=-1))), num_classes)
+        if (
+            best is None
+            or (eligible, best[0]) == (True, False)
+            or (eligible == best[0] and _improves(record, best[1], settings.selection))
+        ):
+            best = (eligible, record, logits)
+    return best[1], best[2]
+
+
 def _eligible(epoch: int, settings: HeadSettings, predicted_classes: int, classes: int) -> bool:
     # A head still in warm-up, or one that puts every validation row in one class, has not
     # learned to separate anything: keeping it shows accuracy 0.5 beside a flattering AUC.
@@ -292,6 +350,7 @@ def train_head(
     # occlusion analysis and a missing report at prediction time give the head.
     absent = [x[train_rows].float().mean(dim=0) for x in inputs]
     dropout_generator = torch.Generator().manual_seed(seed + 1)
+    variants = input_variants(len(inputs), settings)
     num_classes = model.classifier[-1].out_features
     optimizer = torch.optim.AdamW(
         model.parameters(),
@@ -335,12 +394,13 @@ def train_head(
             optimizer.step()
             scheduler.step()
             epoch_loss += loss.detach() * len(batch)
-        val_logits = predict_logits(model, val_inputs, settings.precision)
+        record, val_logits = _best_variant(
+            model, val_inputs, val_labels, absent, variants, settings, num_classes, epoch
+        )
         record = {
             "epoch": epoch,
             "train_loss": float(epoch_loss) / len(train_rows),
-            "val_loss": float(F.cross_entropy(val_logits, val_labels)),
-            "val_auc": roc_auc(val_labels.numpy(), torch.softmax(val_logits, -1)[:, -1].numpy()),
+            **record,
             "learning_rate": optimizer.param_groups[0]["lr"],
         }
         history.append(record)
@@ -354,11 +414,18 @@ def train_head(
         elif best is not None and settings.patience and epoch - best["epoch"] >= settings.patience:
             break
     if best is None:
-        return TrainedHead(model=model, best_epoch=len(history), history=history, fallback=True)
+        return TrainedHead(
+            model=model,
+            best_epoch=len(history),
+            history=history,
+            fallback=True,
+            inputs_used=variants[0],
+        )
     model.load_state_dict(best_state)
     return TrainedHead(
         model=model,
         best_epoch=int(best["epoch"]),
         history=history,
         first_eligible_epoch=first_eligible,
+        inputs_used=tuple(best["inputs_used"]),
     )

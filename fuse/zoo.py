@@ -14,8 +14,9 @@ from fuse.data import FeatureId
 from pipeline.errors import UserError
 
 HEADS = {
-    "vlmf": "VLMF-Net head: projectors (image -> 512, report -> 2048), L2-normalisation, "
-    "concatenation, MLP; cross-entropy + 0.1 x NT-Xent when both modalities are used",
+    "vlmf": "VLMF-Net head: projectors (image -> 512, report -> 2048, clinical variables -> "
+    "32), L2-normalisation, concatenation, MLP; cross-entropy + 0.1 x NT-Xent between image "
+    "and report when both are used",
     "mlp": "frozen-feature baseline head: the encoder's vectors concatenated into the same MLP, "
     "cross-entropy only",
     "exam": "exam-level VLMF-Net head: one sample per exam; the vision projector and "
@@ -38,8 +39,9 @@ class ModelSpec:
     name: str
     head: str  # a key of HEADS
     inputs: tuple[FeatureId, ...]  # (encoder, modality), in the order the head takes them
-    role: str  # "proposed", "ablation", "baseline" or "extension" (beyond the paper)
+    role: str  # "proposed", "ablation", "baseline" or "extension"
     description: str
+    clinical: bool = False  # also takes the declared clinical columns (pipeline.clinical)
 
 
 def protocol_models(
@@ -58,6 +60,14 @@ def protocol_models(
         ModelSpec("M1", "vlmf", (image,), "ablation", "image only"),
         ModelSpec("M2", "vlmf", (text,), "ablation", "report only"),
         ModelSpec("M3", "vlmf", (vit, text), "ablation", "image without Q-Former + report"),
+        ModelSpec(
+            "M4-clinical",
+            "vlmf",
+            (image, text),
+            "extension",
+            "VLMF-Net + the declared clinical variables through their own projector",
+            clinical=True,
+        ),
         ModelSpec(
             "M4-exam",
             EXAM_HEAD,

@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 
 import extract.__main__
+import extract.explain
 import extract.predict
 import fuse.__main__
 import pipeline.demo.__main__
@@ -31,14 +32,17 @@ COMMANDS: dict[str, Callable[[Sequence[str]], object]] = {
     "fuse": lambda argv: fuse.__main__.main(list(argv)),
     "pipeline.demo": pipeline.demo.__main__.main,
     "extract.predict": extract.predict.main,
+    "extract.explain": extract.explain.main,
 }
 HELP = (  # the words after `python -m`
     ("extract",),
     ("fuse", "protocol"),
     ("fuse", "report"),
+    ("fuse", "page"),
     ("fuse", "predict"),
     ("pipeline.demo",),
     ("extract.predict",),
+    ("extract.explain",),
 )
 
 _EXTRACT = ("--model", "llama3", "--manifest", "{manifest}", "--out", "{out}/text.h5")
@@ -46,12 +50,17 @@ _PROTOCOL = (
     *("protocol", "--manifest", "{manifest}", "--features", "{features}"),
     *("--out", "{out}/protocol", "--trials", "1"),
 )
+_CLINICAL = ("--models", "M4-clinical", "--clinical-numeric", "age")
 _REPORT = ("report", "--protocol", "{out}", "--out", "{out}/report")
 _PREDICT = (
     *("predict", "--head", "{out}/none.json", "--manifest", "{manifest}"),
     *("--features", "{features}"),
 )
 _EXAM = ("--head", "{out}/none.json", "--images", "{manifest}", "--report-file", "{manifest}")
+_EXPLAIN = (
+    *("--head", "{out}/none.json", "--manifest", "{manifest}", "--features", "{features}"),
+    *("--out", "{out}/explain"),
+)
 
 BAD_INPUTS = [
     # extract: settings, paths, manifests, items, outputs
@@ -81,6 +90,18 @@ BAD_INPUTS = [
     ("fuse", (*_PROTOCOL, "--trials", "0"), "--trials is 0; it must be at least 1"),
     ("fuse", (*_PROTOCOL[:4], "{out}", *_PROTOCOL[5:]), "is a folder; give the .h5 files"),
     ("fuse", (*_PROTOCOL[:4], "{cut_features}", *_PROTOCOL[5:]), "re-run extraction"),
+    ("fuse", (*_PROTOCOL, "--models", "M4-clinical"), "take clinical variables, but none are"),
+    ("fuse", (*_PROTOCOL, "--clinical-missing", "drop"), "--clinical-missing is 'drop'"),
+    (
+        "fuse",
+        (*_PROTOCOL[:2], "{bad_age}", *_PROTOCOL[3:], *_CLINICAL),
+        "column 'age': not a number ('sixty') at line(s) 2;",
+    ),
+    (
+        "fuse",
+        (*_PROTOCOL, *_CLINICAL[:3], "weight"),
+        "clinical column(s) 'weight' missing (declared by",
+    ),
     # fuse report
     ("fuse", (*_REPORT, "--bootstrap-resamples", "0"), "--bootstrap-resamples is 0"),
     ("fuse", ("report", "--protocol", "{out}/none", "--out", "{out}/r"), "does not exist"),
@@ -94,6 +115,16 @@ BAD_INPUTS = [
     ("extract.predict", (*_EXAM, "--report", "x"), "give the report once"),
     ("extract.predict", (*_EXAM[:3], "{out}/none.png", *_EXAM[4:]), "image file(s) not found"),
     ("extract.predict", (*_EXAM, "--centring", "batch"), "--centring is 'batch'"),
+    # extract.explain
+    ("extract.explain", _EXPLAIN, "none.json does not exist: a saved head is a pair"),
+    ("extract.explain", ("--head", "{out}", *_EXPLAIN[2:]), "holds no saved head"),
+    (
+        "extract.explain",
+        (*_EXPLAIN, "--sets", "train"),
+        "--sets is train; it must be one of test, external",
+    ),
+    ("extract.explain", (*_EXPLAIN, "--batch-size", "0"), "--batch-size is 0"),
+    ("extract.explain", (*_EXPLAIN, "--random", "-1"), "--random is -1; it must be at least 0"),
     # the demo generator
     ("pipeline.demo", ("--out", "{out}/demo", "--patients", "1"), "it must be at least 2"),
     ("pipeline.demo", ("--out", "{bad_label}"), "is a file; give a folder"),
@@ -126,6 +157,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
     manifest_like("bad_label", table.assign(label=["GC "] + list(table["label"][1:])))
     manifest_like("bad_reports", table.assign(report_text="声门\x07下"))
+    manifest_like("bad_age", table.assign(age=["sixty"] + list(table["age"][1:])))
     written["repeated_header"] = manifest.with_name("repeated_header.csv")
     written["repeated_header"].write_text(
         "image_path,report_text,label,patient_id,label\nimages/a.png,x,GC,1,GC\n"

@@ -40,7 +40,7 @@ def test_dvc_repro_runs_every_stage_and_writes_metrics(tmp_path):
     manifest = pd.read_csv(tmp_path / "data" / "demo" / "manifest.csv", dtype=str)
     predictions = read_predictions(reports / "protocol", ("VCD", "GC"))
     models = params["fuse"]["models"]
-    assert len(models) == 10  # M1-M4, the five baselines and M4-exam
+    assert len(models) == 11  # M1-M4, the five baselines, M4-clinical and M4-exam
     assert len(predictions) == len(manifest) * len(models) * 2 * 2  # models x heads x trials
     for model in models:
         metrics = json.loads((reports / "metrics" / f"{model}.json").read_text())
@@ -58,6 +58,12 @@ def test_dvc_repro_runs_every_stage_and_writes_metrics(tmp_path):
     for figure in ("calibration_reliability", "decision_curve"):
         for split in ("test", "external"):
             assert (reports / "plots" / f"{figure}_{split}.png").is_file(), (figure, split)
+    explained = json.loads((reports / "explain" / "explain.json").read_text(encoding="utf-8"))
+    assert explained["gallery"] and [row["set"] for row in explained["pointing_game"]] == [
+        "test",
+        "external",
+    ]
+    assert 'data-headline="M4/test/image/auc"' in (reports / "index.html").read_text()
     shown = subprocess.run(["dvc", "metrics", "show"], cwd=tmp_path, capture_output=True, text=True)
     assert shown.returncode == 0 and "M4.json" in shown.stdout, shown.stdout + shown.stderr
     again = subprocess.run(["dvc", "repro"], cwd=tmp_path, capture_output=True, text=True)

@@ -10,10 +10,14 @@ DESCRIPTION = """\
 Generate a synthetic stand-in for the paper's data: laryngoscopic images (PNG) drawn per
 patient from several views, one Chinese laryngoscopy report per patient, and manifest.csv
 with one row per image-report pair (columns image_path, report_text, label, patient_id,
-exam_id, split, site). Internal patients (hospital_a) get an empty split, which the
-pipeline fills at patient level; external patients (hospital_b) get split 'external' and
-come from a shifted camera and reporting style. Images and reports each carry part of the
-class evidence, so neither alone is enough. The same seed gives byte-identical output.
+exam_id, split, site, lesion_mask, and the clinical variables age, sex and smoking). Each
+image's lesion mask (white where the lesion is, in the image's own view) is written beside
+it as <image stem>_mask.png, for the pointing game of python -m extract.explain. Internal
+patients (hospital_a) get an empty split, which the pipeline fills at patient level;
+external patients (hospital_b) get split 'external' and come from a shifted camera and
+reporting style. Images and reports each carry part of the class evidence, so neither
+alone is enough; age, sex and smoking carry a modest signal of their own (carcinoma
+patients older, more often male current smokers). The same seed gives byte-identical output.
 Settings: defaults < --params section < flags."""
 
 EXAMPLES = """\
@@ -24,7 +28,6 @@ EXAMPLES = """\
       a small set in a second or two, for tests and trying the pipeline
   python -m pipeline.demo --params params.yaml --out data/demo --seed 1
 """
-
 
 
 def main(argv: Sequence[str] | None = None) -> Path:

@@ -1,9 +1,11 @@
 """The demo stage: write synthetic laryngoscopy images, reports and their manifest.
 
-Output folder layout: `images/*.png`, `manifest.csv` (one row per image-report pair, image
-paths relative to the folder) and `demo_config.yaml` (the resolved settings). The folder
-is written whole as `OUT.partial` and renamed into place (pipeline.atomic), under the
-lock `OUT.lock`, so a folder at OUT is always one complete demo.
+Output folder layout: `images/*.png` with each image's lesion mask beside it
+(`images/<stem>_mask.png`, white where the lesion is), `manifest.csv` (one row per
+image-report pair, image and mask paths relative to the folder; the mask column is empty
+where the lesion lies outside the endoscope's field) and `demo_config.yaml` (the resolved
+settings). The folder is written whole as `OUT.partial` and renamed into place
+(pipeline.atomic), under the lock `OUT.lock`, so a folder at OUT is always one complete demo.
 """
 
 from __future__ import annotations
@@ -35,7 +37,12 @@ MANIFEST_COLUMNS = (
     "exam_id",
     "split",
     "site",
+    "lesion_mask",
+    "age",  # clinical variables (pipeline.demo.patients: CLINICAL_*)
+    "sex",
+    "smoking",
 )
+MASK_SUFFIX = "_mask"  # images/A0001_01.png -> images/A0001_01_mask.png
 # Level 4 of zlib's 0-9: about half the time of the default 6 for 7% larger files, which
 # keeps the full demo within its time budget on two cores.
 PNG_COMPRESS_LEVEL = 4
@@ -81,13 +88,27 @@ def _image_paths(patient: Patient) -> list[str]:
     ]
 
 
-def _render_patient(job: tuple[Patient, Path]) -> int:
-    """Render and save one patient's images (runs in a worker); returns how many."""
+def mask_path(image_path: str) -> str:
+    """Where the demo writes the lesion mask of the image at `image_path`."""
+    path = Path(image_path)
+    return path.with_name(path.stem + MASK_SUFFIX + path.suffix).as_posix()
+
+
+def _render_patient(job: tuple[Patient, Path]) -> dict[str, str]:
+    """Render and save one patient's images and lesion masks (runs in a worker).
+
+    Returns:
+        Each image path -> its mask's path, or "" where no lesion is visible (no file).
+    """
     patient, out = job
-    images = render_images(patient)
-    for image, relative_path in zip(images, _image_paths(patient), strict=True):
-        image.save(out / relative_path, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
-    return len(images)
+    masks = {}
+    for photo, relative_path in zip(render_images(patient), _image_paths(patient), strict=True):
+        photo.image.save(out / relative_path, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+        masks[relative_path] = ""
+        if photo.lesion_mask.getbbox() is not None:
+            masks[relative_path] = mask_path(relative_path)
+            photo.lesion_mask.save(out / masks[relative_path], format="PNG")
+    return masks
 
 
 def _manifest_rows(patients: list[Patient]) -> pd.DataFrame:
@@ -104,6 +125,10 @@ def _manifest_rows(patients: list[Patient]) -> pd.DataFrame:
                     "exam_id": patient.exam_id,
                     "split": patient.site.split,
                     "site": patient.site.name,
+                    "lesion_mask": "",  # filled once the images are drawn
+                    "age": patient.age,
+                    "sex": patient.sex,
+                    "smoking": patient.smoking,
                 }
             )
     return pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS))
@@ -133,6 +158,7 @@ def _generate(config: DemoConfig, out: Path) -> None:
         EXTERNAL_SITE, config.external_patients, config.images_per_report, config.seed
     )
     table = _manifest_rows(patients)
+    masks: dict[str, str] = {}
     jobs = [(patient, out) for patient in patients]
     # One process per core; each patient has its own seeds, so the files do not depend on
     # how many workers there are or in which order they finish.
@@ -141,6 +167,8 @@ def _generate(config: DemoConfig, out: Path) -> None:
         tqdm(total=len(table), unit="image", desc="demo images") as progress,
     ):
         for rendered in pool.imap_unordered(_render_patient, jobs, chunksize=4):
-            progress.update(rendered)
+            masks.update(rendered)
+            progress.update(len(rendered))
+    table["lesion_mask"] = table["image_path"].map(masks)
     save_config(config, out / CONFIG_NAME)
     table.to_csv(out / MANIFEST_NAME, index=False, encoding="utf-8", lineterminator="\n")

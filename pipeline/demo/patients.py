@@ -4,9 +4,10 @@ Each patient has a class and two latent factors that are independent given the c
 the image factor, which the scenes render as the lesion's colour, bulk and surface, and
 the report factor, which the reports verbalise as vocal cord mobility and extent. The
 report also names the lesion's appearance, a noisy reading of the image factor, so the
-report is not independent of the images but carries information they lack. Every
-patient draws from its own random streams seeded by (seed, site, index), so patients can
-be rendered in any order and in parallel with identical results.
+report is not independent of the images but carries information they lack. Age, sex and
+smoking carry a modest signal of their own (CLINICAL_* below). Every patient draws from
+its own random streams seeded by (seed, site, index), so patients can be rendered in any
+order and in parallel with identical results.
 """
 
 from __future__ import annotations
@@ -51,6 +52,20 @@ BILATERAL_SHARE = 0.12  # lesions on both cords, independent of class
 # the anterior two thirds, whatever the class.
 THIRD_SHARES = (0.4, 0.4, 0.2)
 
+# Clinical variables, independent of the image and report factors given the class: glottic
+# carcinoma patients are on average older and more often male current smokers than those
+# with dysplasia, with heavy overlap (both are diseases of older male smokers). Age ~
+# N(mean of the class, 9) in whole years within 30-90; sex M with the class's share;
+# smoking never/former/current with the class's shares, and blank (not recorded) for a
+# share of patients whatever the class. The README gives the AUC this rule allows.
+CLINICAL_AGE_MEAN = {"VCD": 57.0, "GC": 62.0}
+CLINICAL_AGE_SD = 9.0
+CLINICAL_AGE_RANGE = (30, 90)
+CLINICAL_MALE_SHARE = {"VCD": 0.78, "GC": 0.90}
+SMOKING_LEVELS = ("never", "former", "current")
+CLINICAL_SMOKING_SHARES = {"VCD": (0.35, 0.30, 0.35), "GC": (0.20, 0.30, 0.50)}
+SMOKING_UNRECORDED_SHARE = 0.06
+
 
 @dataclass(frozen=True)
 class Site:
@@ -70,8 +85,10 @@ EXTERNAL_SITE = Site("hospital_b", "B", "external", 22 / 47, (308 / 47) / (5799 
 SITES = (INTERNAL_SITE, EXTERNAL_SITE)
 
 # Separate streams per patient, so that changing how reports are worded leaves the images
-# (and the image features cached under their content hash) byte-identical, and vice versa.
-STREAMS = ("latent", "scene", "report")
+# (and the image features cached under their content hash) byte-identical, and vice versa;
+# the clinical variables came last with their own stream, so images and reports stayed as
+# they were.
+STREAMS = ("latent", "scene", "report", "clinical")
 
 
 @dataclass(frozen=True)
@@ -99,6 +116,9 @@ class Patient:
     mobility: int  # category index into MOBILITY_CUTS
     extent: int  # category index into EXTENT_CUTS
     seed_key: tuple[int, int, int]  # (seed, site index, number)
+    age: int  # years
+    sex: str  # "M" or "F"
+    smoking: str  # one of SMOKING_LEVELS, or "" when not recorded
 
     @property
     def patient_id(self) -> str:
@@ -139,6 +159,19 @@ def _lesion(rng: np.random.Generator, severity: float, extent: int) -> Lesion:
     return Lesion(sides, round(start, 3), round(end, 3), severity)
 
 
+def _clinical(seed_key: tuple[int, int, int], label: str) -> dict[str, int | str]:
+    rng = _stream_rng(seed_key, "clinical")
+    age = rng.normal(CLINICAL_AGE_MEAN[label], CLINICAL_AGE_SD)
+    male = rng.random() < CLINICAL_MALE_SHARE[label]
+    smoking = str(rng.choice(SMOKING_LEVELS, p=CLINICAL_SMOKING_SHARES[label]))
+    recorded = rng.random() >= SMOKING_UNRECORDED_SHARE
+    return {
+        "age": int(np.clip(round(age), *CLINICAL_AGE_RANGE)),
+        "sex": "M" if male else "F",
+        "smoking": smoking if recorded else "",
+    }
+
+
 def _plan_patient(
     site: Site, seed_key: tuple[int, int, int], label: str, images_per_report: int
 ) -> Patient:
@@ -164,6 +197,7 @@ def _plan_patient(
         mobility=mobility,
         extent=extent,
         seed_key=seed_key,
+        **_clinical(seed_key, label),
     )
 
 

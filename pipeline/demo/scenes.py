@@ -9,6 +9,10 @@ the pipeline's encoders mean-pool patch features and cannot see fine texture.
 
 Orientation is the endoscopic one: the anterior commissure at the top, the arytenoids at
 the bottom, and the patient's left cord on the image's right.
+
+Every image comes with its lesion mask: the lesion's outline as drawn, through the same
+view transform and clipped to the endoscope's field, so it aligns pixel for pixel with the
+image (the pointing game of `python -m extract.explain` scores heatmaps against it).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageChops, ImageDraw, ImageFilter
 
 from pipeline.demo.patients import EXTERNAL_SITE, INTERNAL_SITE, Lesion, Patient
 
@@ -41,6 +45,14 @@ class Camera:
     colour_gain: tuple[float, float, float]  # per-channel cast applied to every image
     contrast: float  # 1 keeps contrast; below 1 flattens it around mid-grey
     field_ratio: float  # endoscope field diameter over the image's shorter side
+
+
+@dataclass(frozen=True)
+class Photo:
+    """One rendered image and where its lesion is in it."""
+
+    image: Image.Image  # RGB
+    lesion_mask: Image.Image  # mode "1", the image's size; true where the lesion is visible
 
 
 CAMERAS = {
@@ -151,8 +163,10 @@ def _draw_lesion(
     side: str,
     opening: float,
     posterior_width: float,
-) -> None:
-    """Paint the lesion on one cord: bulkier, redder and more irregular as severity grows."""
+) -> Image.Image:
+    """Paint the lesion on one cord: bulkier, redder and more irregular as severity grows.
+
+    Returns its outline as a mode "L" mask of the scene (255 inside)."""
     side_sign = _side_sign(side)
     severity = lesion.severity
     t = np.linspace(lesion.start, lesion.end, 20)
@@ -173,10 +187,10 @@ def _draw_lesion(
             (centre + np.stack([side_sign * half_thickness, 0 * t], axis=1))[::-1],
         ]
     )
-    mask = Image.new("L", scene.size, 0)
-    ImageDraw.Draw(mask).polygon(_polygon(outline), fill=255)
+    outline_mask = Image.new("L", scene.size, 0)
+    ImageDraw.Draw(outline_mask).polygon(_polygon(outline), fill=255)
     # Smooth plaques fade into the cord; irregular masses have sharp borders.
-    mask = mask.filter(ImageFilter.GaussianBlur(0.8 + 3.0 * (1 - severity)))
+    mask = outline_mask.filter(ImageFilter.GaussianBlur(0.8 + 3.0 * (1 - severity)))
     colour = _lesion_colour(severity) * rng.uniform(0.96, 1.04, 3)
     paint = Image.new("RGB", scene.size, tuple(int(c) for c in colour.clip(0, 255)))
     scene.paste(paint, (0, 0), mask)
@@ -189,10 +203,12 @@ def _draw_lesion(
         shade = rng.choice([0.78, 1.1]) if severity > 0.5 else rng.uniform(0.95, 1.04)
         fleck = tuple(int(c) for c in (colour * shade).clip(0, 255))
         draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=fleck)
+    return outline_mask
 
 
-def _draw_scene(patient: Patient, rng: np.random.Generator) -> Image.Image:
-    """The patient's larynx on a SCENE_SIZE square canvas, before any camera view."""
+def _draw_scene(patient: Patient, rng: np.random.Generator) -> tuple[Image.Image, Image.Image]:
+    """The patient's larynx on a SCENE_SIZE square canvas, before any camera view, and the
+    mask of its lesion(s) (mode "L", 255 inside)."""
     mucosa = rng.normal([204, 108, 106], 8).clip(0, 255)
     texture = 1 + 0.1 * _smooth_noise(rng, SCENE_SIZE, 7)[..., None]
     base = (np.broadcast_to(mucosa, (SCENE_SIZE, SCENE_SIZE, 3)) * texture).clip(0, 255)
@@ -202,13 +218,18 @@ def _draw_scene(patient: Patient, rng: np.random.Generator) -> Image.Image:
     draw = ImageDraw.Draw(scene)
     _draw_vessels(draw, rng, mucosa)
     _draw_larynx(draw, rng, mucosa, opening, posterior_width)
+    lesion = Image.new("L", scene.size, 0)
     for side in patient.lesion.sides:
-        _draw_lesion(scene, rng, patient.lesion, side, opening, posterior_width)
-    return scene.filter(ImageFilter.GaussianBlur(1.2))
+        outline = _draw_lesion(scene, rng, patient.lesion, side, opening, posterior_width)
+        lesion = ImageChops.lighter(lesion, outline)
+    return scene.filter(ImageFilter.GaussianBlur(1.2)), lesion
 
 
-def _view(scene: Image.Image, rng: np.random.Generator, size: tuple[int, int]) -> np.ndarray:
-    """An affine view of the scene (rotation, zoom, shift) as floats in [0, 1]."""
+def _view(
+    scene: Image.Image, lesion: Image.Image, rng: np.random.Generator, size: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """An affine view of the scene (rotation, zoom, shift) as floats in [0, 1], and the
+    same view of the lesion mask as booleans."""
     width, height = size
     angle = np.deg2rad(rng.uniform(-5, 5))
     scale = VIEW_SPAN / min(width, height) / rng.uniform(0.9, 1.15)
@@ -218,10 +239,13 @@ def _view(scene: Image.Image, rng: np.random.Generator, size: tuple[int, int]) -
     # Image.transform maps each output pixel (x, y) to the input (a x + b y + c, d x + e y + f).
     c = centre_x - a * width / 2 - b * height / 2
     f = centre_y - d * width / 2 - e * height / 2
-    view = scene.transform(
-        size, Image.Transform.AFFINE, (a, b, c, d, e, f), resample=Image.Resampling.BILINEAR
+    view, lesion_view = (
+        layer.transform(
+            size, Image.Transform.AFFINE, (a, b, c, d, e, f), resample=Image.Resampling.BILINEAR
+        )
+        for layer in (scene, lesion)
     )
-    return np.asarray(view, dtype=np.float32) / 255
+    return np.asarray(view, dtype=np.float32) / 255, np.asarray(lesion_view) >= 128
 
 
 def _radius_from(size: tuple[int, int], centre: tuple[float, float]) -> np.ndarray:
@@ -244,11 +268,16 @@ def _glints(rng: np.random.Generator, size: tuple[int, int]) -> np.ndarray:
 
 
 def _photograph(
-    scene: Image.Image, rng: np.random.Generator, camera: Camera, size: tuple[int, int]
-) -> Image.Image:
-    """One endoscopic image of `scene`: a random view, lighting and blur through `camera`."""
+    scene: Image.Image,
+    lesion: Image.Image,
+    rng: np.random.Generator,
+    camera: Camera,
+    size: tuple[int, int],
+) -> Photo:
+    """One endoscopic image of `scene`: a random view, lighting and blur through `camera`;
+    the lesion mask in the same view, where the field shows it."""
     width, height = size
-    pixels = _view(scene, rng, size)
+    pixels, lesion_pixels = _view(scene, lesion, rng, size)
     light_centre = (width / 2 + rng.normal(0, width / 10), height / 2 + rng.normal(0, height / 10))
     falloff = rng.uniform(0.25, 0.5)
     lighting = 1 - falloff * (_radius_from(size, light_centre) / (0.6 * min(size))) ** 2
@@ -262,13 +291,16 @@ def _photograph(
     pixels *= field[..., None]
     image = Image.fromarray((pixels * 255 + 0.5).astype(np.uint8))
     # Defocus: a box kernel is close to the disc a lens blurs to, and 3x cheaper than a Gaussian.
-    return image.filter(ImageFilter.BoxBlur(rng.uniform(0.3, 1.6)))
+    image = image.filter(ImageFilter.BoxBlur(rng.uniform(0.3, 1.6)))
+    # Outside the endoscope's field (black) a lesion is not visible.
+    return Photo(image, Image.fromarray(lesion_pixels & (field > 0.5)))
 
 
-def render_images(patient: Patient) -> list[Image.Image]:
-    """All of a patient's images, from the patient's own "scene" random stream."""
+def render_images(patient: Patient) -> list[Photo]:
+    """All of a patient's images with their lesion masks, from the patient's own "scene"
+    random stream (the masks draw nothing from it: the images do not depend on them)."""
     rng = patient.rng("scene")
     camera = CAMERAS[patient.site.name]
     size = camera.sizes[rng.integers(len(camera.sizes))]  # one device per examination
-    scene = _draw_scene(patient, rng)
-    return [_photograph(scene, rng, camera, size) for _ in range(patient.image_count)]
+    scene, lesion = _draw_scene(patient, rng)
+    return [_photograph(scene, lesion, rng, camera, size) for _ in range(patient.image_count)]

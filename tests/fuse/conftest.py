@@ -69,3 +69,9 @@ def write_synthetic_cache(
 @pytest.fixture
 def synthetic_cache(tmp_path: Path) -> dict[str, Path]:
     return write_synthetic_cache(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def cache_writer():
+    """write_synthetic_cache itself, for module-scoped fixtures that change what it writes."""
+    return write_synthetic_cache

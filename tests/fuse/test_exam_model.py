@@ -16,7 +16,6 @@ from fuse.protocol import ProtocolConfig, head_path, run
 from fuse.schema import ATTENTION_COLUMN, read_predictions
 from fuse.train import HeadSettings
 from fuse.zoo import protocol_models
-from pipeline.errors import UserError
 from pipeline.metrics import (
     choose_threshold,
     roc_auc,
@@ -36,6 +35,8 @@ TINY = HeadSettings(
     warmup_epochs=1,
     learning_rate=3e-3,
     patience=0,
+    # the exam head has no modality dropout: the pair heads it is compared with neither
+    modality_dropout=0.0,
 )
 
 
@@ -73,8 +74,8 @@ def sources():
     ]
 
 
-def fit_on_exams(model, kind, images, reports, labels, exam_of_row):
-    head = FittedHead(MODELS[model], kind, TINY)
+def fit_on_exams(model, kind, images, reports, labels, exam_of_row, settings=TINY):
+    head = FittedHead(MODELS[model], kind, settings)
     return head.fit(
         [images, reports],
         labels,
@@ -98,6 +99,7 @@ def test_attention_finds_the_one_informative_image_and_beats_mean_pooling():
     # The case attention pooling is for: the evidence is in one image per exam. Mean
     # pooling an image-level head's scores (M4, same inputs) dilutes it with the noise of
     # the other images; the exam head should weigh the key image up and rank exams better.
+    # Both train with the same settings, so pooling is the one difference.
     images, reports, labels, exam_of_row, is_key, sizes = key_image_exams()
     exam_head = fit_on_exams("M4-exam", "head", images, reports, labels, exam_of_row)
     image_head = fit_on_exams("M4", "head", images, reports, labels, exam_of_row)
@@ -155,7 +157,8 @@ def test_fitted_exam_head_gives_each_row_its_exam_and_chooses_cuts_on_validation
     images, reports, labels, exam_of_row = (
         x[shuffle] for x in (images, reports, labels, exam_of_row)
     )
-    head = fit_on_exams("M4-exam", "head", images, reports, labels, exam_of_row)
+    dropping = replace(TINY, modality_dropout=0.3)
+    head = fit_on_exams("M4-exam", "head", images, reports, labels, exam_of_row, dropping)
     probabilities, attention = head.predict_with_attention(
         [images, reports], exams=exam_of_row.numpy()
     )
@@ -174,17 +177,8 @@ def test_fitted_exam_head_gives_each_row_its_exam_and_chooses_cuts_on_validation
     }
     with pytest.raises(ValueError, match="scores whole exams"):
         head.predict_proba([images, reports])
-    dropping = FittedHead(MODELS["M4-exam"], "head", replace(TINY, modality_dropout=0.2))
-    with pytest.raises(UserError, match="no modality dropout yet"):
-        dropping.fit(
-            [images, reports],
-            labels,
-            rows_of(exam_of_row, torch.arange(0, 160)),
-            rows_of(exam_of_row, torch.arange(160, 200)),
-            seed=0,
-            sources=sources(),
-            exams=exam_of_row.numpy(),
-        )
+    # modality dropout (on by default) has no exam-level counterpart: every input is read
+    assert head.inputs_used_ == (True, True)
     with pytest.raises(ValueError, match="only some of their rows"):
         FittedHead(MODELS["M4-exam"], "probe", TINY).fit(
             [images, reports],

@@ -5,10 +5,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
+from PIL import Image, ImageFilter
 
-from pipeline.demo import DemoConfig, run
-from pipeline.demo.patients import INTERNAL_SITE, plan_site
+from pipeline.demo import DemoConfig, run, scenes
+from pipeline.demo.patients import EXTERNAL_SITE, INTERNAL_SITE, plan_site
 from pipeline.demo.scenes import CAMERAS
 from pipeline.errors import UserError
 from pipeline.lock import output_lock
@@ -17,7 +17,17 @@ from pipeline.metrics import roc_auc
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SMALL = {"patients": 20, "external_patients": 6, "images_per_report": 3}
-COLUMNS = ["image_path", "report_text", "label", "patient_id", "exam_id", "split", "site"]
+COLUMNS = [
+    "image_path",
+    "report_text",
+    "label",
+    "patient_id",
+    "exam_id",
+    "split",
+    "site",
+    "lesion_mask",
+]
+CLINICAL = ["age", "sex", "smoking"]
 
 
 def read(manifest: Path) -> pd.DataFrame:
@@ -31,7 +41,7 @@ def small_demo(tmp_path_factory) -> Path:
 
 def test_manifest_has_the_schema_and_sites(small_demo):
     table = read(small_demo)
-    assert list(table.columns) == COLUMNS
+    assert list(table.columns) == COLUMNS + CLINICAL
     internal = table[table["patient_id"].str.startswith("A")]
     external = table[table["patient_id"].str.startswith("B")]
     assert len(internal) + len(external) == len(table)
@@ -104,6 +114,37 @@ def test_each_modality_is_informative_but_imperfect():
     assert 0.95 < drawn < 1.0 and 0.75 < worded < 0.9
 
 
+def test_clinical_variables_carry_a_modest_signal_in_the_documented_direction(small_demo):
+    table = read(small_demo)
+    assert (table.groupby("patient_id")[CLINICAL].nunique() <= 1).all().all()
+    written = table.drop_duplicates("patient_id").set_index("patient_id")[CLINICAL]
+    planned = plan_site(INTERNAL_SITE, SMALL["patients"], SMALL["images_per_report"], seed=0)
+    for patient in planned:
+        expected = [str(patient.age), patient.sex, patient.smoking]
+        assert written.loc[patient.patient_id].tolist() == expected
+    assert load_manifest(small_demo, ("VCD", "GC"))[CLINICAL].equals(read(small_demo)[CLINICAL])
+    drawn = pd.DataFrame(
+        [
+            {"gc": p.label == "GC", "age": p.age, "sex": p.sex, "smoking": p.smoking}
+            for p in plan_site(INTERNAL_SITE, 4000, images_per_report=3, seed=0)
+        ]
+    )
+    by_class = drawn.groupby("gc").agg(
+        age=("age", "mean"),
+        male=("sex", lambda sex: (sex == "M").mean()),
+        current=("smoking", lambda smoking: (smoking == "current").mean()),
+        unrecorded=("smoking", lambda smoking: (smoking == "").mean()),
+    )
+    # carcinoma: older, more often male, more often a current smoker; blanks for both
+    signals = ["age", "male", "current"]
+    assert (by_class.loc[True, signals] > by_class.loc[False, signals]).all()
+    assert (by_class["unrecorded"].between(0.02, 0.12)).all()
+    assert set(drawn["sex"]) == {"M", "F"} and drawn["age"].between(30, 90).all()
+    # modest: a sum of the three signals separates the classes far from perfectly
+    score = drawn["age"] / 9 + (drawn["sex"] == "M") + (drawn["smoking"] == "current")
+    assert 0.6 < roc_auc(drawn["gc"].to_numpy(), score.to_numpy()) < 0.8
+
+
 def run_cli(*flags: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "pipeline.demo", *flags],
@@ -152,3 +193,30 @@ def test_a_rerun_replaces_the_folder_whole_under_a_lock(tmp_path):
     assert sorted(path.name for path in tmp_path.iterdir()) == ["demo"]
     with output_lock(out), pytest.raises(UserError, match="is being written by another run"):
         run(DemoConfig(out=str(out), **tiny))
+
+
+def test_every_image_has_its_lesion_mask_beside_it(small_demo):
+    table = read(small_demo)
+    # Every demo patient has a lesion, and the views keep it inside the field.
+    assert (table["lesion_mask"] != "").all()
+    for image_path, mask_path in zip(table["image_path"], table["lesion_mask"], strict=True):
+        assert mask_path == image_path.replace(".png", "_mask.png")
+        image = Image.open(small_demo.parent / image_path)
+        mask = np.asarray(Image.open(small_demo.parent / mask_path))
+        assert mask.shape == (image.height, image.width) and mask.dtype == bool
+        assert 0 < mask.mean() < 0.5
+
+
+def test_masks_cover_the_drawn_lesion_pixel_for_pixel(monkeypatch):
+    """With the lesion painted pure blue (nothing else in a scene is bluer than red), the
+    mask is blue inside, and blue pixels lie in it or within its blurred border."""
+    monkeypatch.setattr(scenes, "_lesion_colour", lambda severity: np.array([0.0, 0.0, 255.0]))
+    patients = plan_site(INTERNAL_SITE, 4, 3, 0) + plan_site(EXTERNAL_SITE, 3, 3, 0)
+    for patient in patients:
+        for photo in scenes.render_images(patient):
+            pixels = np.asarray(photo.image).astype(int)
+            blue = pixels[..., 2] > pixels[..., 0]
+            mask = np.asarray(photo.lesion_mask)
+            near = np.asarray(photo.lesion_mask.convert("L").filter(ImageFilter.MaxFilter(21)))
+            assert blue[mask].mean() > 0.95
+            assert (near[blue] > 0).mean() > 0.95
