@@ -16,6 +16,7 @@ from fuse.protocol import ProtocolConfig, head_path, run
 from fuse.schema import ATTENTION_COLUMN, read_predictions
 from fuse.train import HeadSettings
 from fuse.zoo import protocol_models
+from pipeline.errors import UserError
 from pipeline.metrics import (
     choose_threshold,
     roc_auc,
@@ -204,6 +205,11 @@ def test_a_saved_exam_head_loads_with_the_same_probabilities_and_attention(kind,
         np.testing.assert_array_equal(theirs, ours)
     assert loaded.thresholds_ == head.thresholds_
     assert loaded.scores_exams and loaded.settings.attention_width == TINY.attention_width
+    if kind == "head":  # Grad-CAM explains heads of pairs; it says so for an exam head
+        from extract.explain import image_encoder_spec
+
+        with pytest.raises(UserError, match="scores whole exams"):
+            image_encoder_spec(loaded)
 
 
 def test_protocol_writes_exam_rows_with_attention_and_the_saved_head_predicts_them(
