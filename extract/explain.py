@@ -168,11 +168,16 @@ def image_encoder_spec(head: FittedHead) -> tuple[int, EncoderSpec, PatchTokens]
     pooling the head's features were extracted with) and where its patch tokens are.
 
     Raises:
-        UserError: a probe, a head without exactly one image input (a pair model), or an
-            encoder without patch tokens.
+        UserError: a probe, an exam-level head, a head without exactly one image input (a
+            pair model), or an encoder without patch tokens.
     """
     if head.kind != "head":
         raise UserError(f"{head.describe()} is a probe; explain a head (*-head.json)")
+    if head.scores_exams:
+        raise UserError(
+            f"{head.describe()} scores whole exams; explain a head of pairs (e.g. models/M4): "
+            "the predictions table's attention column says which images its exam score weighs"
+        )
     positions = [i for i, source in enumerate(head.sources_) if source.modality == "image"]
     if len(positions) != 1:
         kinds = ", ".join(f"{source.encoder} ({source.modality})" for source in head.sources_)

@@ -112,6 +112,7 @@ def score_conditions(
     patients: np.ndarray,
     labels: np.ndarray,
     seed: int,
+    exams: np.ndarray | None = None,
 ) -> list[Condition]:
     """Score every condition that applies to `head` on the rows of each evaluated set.
 
@@ -121,6 +122,8 @@ def score_conditions(
             the same set.
         patients, labels: every row's patient and class index.
         seed: the draw of partners (the same for every head of one trial and set).
+        exams: every row's exam, for an exam-level head (which pools the replaced rows of
+            each exam; a report replaced per image becomes the mean of the reports given).
     """
     modalities = [modality for _, modality in head.model.inputs]
     conditions = conditions_of(modalities)
@@ -147,7 +150,8 @@ def score_conditions(
             if not len(scored):
                 continue
             probabilities = head.probabilities_of_prepared(
-                _replaced(prepared, position, scored, sources, mean)
+                _replaced(prepared, position, scored, sources, mean),
+                None if exams is None else exams[scored],
             )
             results[name].append(
                 (

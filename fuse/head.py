@@ -6,7 +6,9 @@ It has the estimator shape scikit-learn users know: the constructor stores setti
 site's centring shift, the network or the probe's weights, the validation thresholds),
 `predict_proba` applies all of them. The trained network (kind "head") and the
 logistic-regression probe (kind "probe") share this interface, so predict, analyses and
-explanations never ask which one they hold.
+explanations never ask which one they hold. Nor whether it scores pairs or whole exams:
+callers pass each row's exam, an exam-level head (fuse.exam_model) trains and scores one
+sample per exam and gives every row its exam's probability.
 
 Saved as a file pair that cannot run code on load, Hugging Face's habit: tensors in
 `NAME.safetensors`, everything else in `NAME.json`, with a format name and version that
@@ -30,10 +32,18 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from fuse.exam_model import (
+    ExamFusionHead,
+    ExamLayout,
+    exam_batch_size,
+    exam_inputs,
+    exam_means,
+    predict_exams,
+)
 from fuse.model import FusionHead
 from fuse.probe import ProbeFit, fit_probe
 from fuse.train import HeadSettings, TrainedHead, predict_proba, train_head, with_absent
-from fuse.zoo import ModelSpec
+from fuse.zoo import EXAM_HEAD, PROJECTED_HEADS, ModelSpec
 from pipeline.clinical import ClinicalColumns, ClinicalEncoding
 from pipeline.errors import UserError
 from pipeline.metrics import (
@@ -153,8 +163,10 @@ class FittedHead:
         external_sites: Mapping[str, torch.Tensor] | None = None,
         training_sites: Sequence[str] = (),
         table: pd.DataFrame | None = None,
+        exams: Sequence | np.ndarray | None = None,
     ) -> FittedHead:
-        """Fit on `train_rows`, choose the epoch (or C) and the thresholds on `val_rows`.
+        """Fit on `train_rows`, choose the epoch (or C) and the thresholds on `val_rows`
+        (an exam-level head: on their exams, one sample and one score each).
 
         Args:
             inputs: row-aligned raw vectors, one matrix per input of the model.
@@ -165,6 +177,8 @@ class FittedHead:
             external_sites: rows of each external site, whose own vectors (never their
                 labels) give the site's centring shift.
             training_sites: the sites of the training rows, which are never shifted.
+            exams: each row's exam (any hashable id); needed by an exam-level head, which
+                takes whole exams (a split never cuts one), unused by the others.
             table: the manifest rows, row-aligned with `inputs`: their clinical columns
                 are read by a model that takes them (and never standardised or centred
                 as the vectors are: the encoding does its own, and a hospital's older
@@ -213,10 +227,19 @@ class FittedHead:
         ) + self._clinical_input(table)
         # The stand-in for an input that selection leaves out, as train_head computes it.
         self.absent_ = [vectors[train_rows].float().mean(dim=0) for vectors in ready]
+        groups = report_groups if report_groups is not None else torch.arange(len(labels))
+        layout = self._layout(exams, len(labels))
+        samples = self._samples(ready, layout)
+        if layout is not None:  # an exam's label and report are its first row's
+            labels, groups = labels[layout.first_rows], groups[layout.first_rows]
+            train_rows, val_rows = layout.exams_of(train_rows), layout.exams_of(val_rows)
         if self.kind == "head":
-            trained = self._train_network(ready, labels, report_groups, train_rows, val_rows, seed)
+            trained = self._train_network(
+                samples, labels, groups, train_rows, val_rows, seed, layout
+            )
             self.network_ = trained.model
-            self.inputs_used_ = trained.inputs_used
+            # the exam head's samples end with the mask, which no selection drops
+            self.inputs_used_ = trained.inputs_used[: len(ready)]
             self.training_ = {
                 "best_epoch": trained.best_epoch,
                 "first_eligible_epoch": trained.first_eligible_epoch,
@@ -225,13 +248,15 @@ class FittedHead:
             }
             self.history_ = trained.history
         else:
-            self.probe_ = fit_probe(ready, labels, train_rows, val_rows, seed)
+            self.probe_ = fit_probe(samples, labels, train_rows, val_rows, seed)
             self.inputs_used_ = (True,) * len(ready)
             self.training_ = {"probe_c": self.probe_.c, "probe_val_loss": self.probe_.val_loss}
             self.history_ = []
-        # Scored as the table scores them (all rows at once), so the thresholds are cuts on
-        # exactly the numbers the table holds.
-        val_scores = self._probabilities(self._gated(ready))[val_rows.numpy(), -1]
+        # Scored as the table scores them (all rows, or exams, at once), so the thresholds
+        # are cuts on exactly the numbers the table holds.
+        val_scores = self._scored(self._samples(self._gated(ready), layout))[0][
+            val_rows.numpy(), -1
+        ]
         val_labels = labels[val_rows].numpy()
         self.thresholds_ = {
             "youden": choose_threshold(val_labels, val_scores),
@@ -247,19 +272,58 @@ class FittedHead:
 
     def _train_network(
         self,
-        inputs: Sequence[torch.Tensor],
+        samples: Sequence[torch.Tensor],
         labels: torch.Tensor,
-        report_groups: torch.Tensor | None,
-        train_rows: torch.Tensor,
-        val_rows: torch.Tensor,
+        groups: torch.Tensor,
+        train: torch.Tensor,
+        val: torch.Tensor,
         seed: int,
+        layout: ExamLayout | None,
     ) -> TrainedHead:
         torch.manual_seed(seed)
         network = self._network()
-        groups = report_groups if report_groups is not None else torch.arange(len(labels))
-        return train_head(
-            network, inputs, labels, groups, train_rows, val_rows, self.settings, seed
-        )
+        settings = self.settings
+        if layout is not None:
+            # batch_size counts pairs for every head; modality dropout replaces one pair's
+            # input, which has no exam-level counterpart here yet, so the exam head trains
+            # on every input (README, Exam-level model)
+            settings = dataclasses.replace(
+                settings,
+                batch_size=exam_batch_size(settings.batch_size, layout, train),
+                modality_dropout=0.0,
+            )
+        return train_head(network, samples, labels, groups, train, val, settings, seed)
+
+    @property
+    def scores_exams(self) -> bool:
+        """Whether this head scores whole exams (one sample per exam) rather than pairs."""
+        return self.model.head == EXAM_HEAD
+
+    def _per_image(self) -> list[bool]:
+        """Per input, whether it holds one vector per image (pooled over an exam)."""
+        return [modality == "image" for _, modality in self.model.inputs]
+
+    def _layout(self, exams: Sequence | np.ndarray | None, rows: int) -> ExamLayout | None:
+        """The rows' exams for an exam-level head; None for a head of pairs."""
+        if not self.scores_exams:
+            return None
+        if exams is None or len(exams) != rows:
+            raise ValueError(
+                f"{self.describe()} scores whole exams: pass each of the {rows} rows' exam "
+                "(exams=fuse.exam_model.exam_ids(table))"
+            )
+        return ExamLayout.of(exams)
+
+    def _samples(
+        self, prepared: Sequence[torch.Tensor], layout: ExamLayout | None
+    ) -> list[torch.Tensor]:
+        """What the network or probe takes: the rows, or one sample per exam (the probe of
+        an exam-level model takes the exam's mean vectors)."""
+        if layout is None:
+            return list(prepared)
+        if self.kind == "probe":
+            return [exam_means(vectors, layout) for vectors in prepared]
+        return exam_inputs(prepared, layout, self._per_image())
 
     def _network(self) -> FusionHead:
         """A fresh network for the head's inputs: its sources, then the clinical encoding."""
@@ -276,8 +340,8 @@ class FittedHead:
             "text": self.settings.text_projection,
             "clinical": self.settings.clinical_projection,
         }
-        vlmf = self.model.head == "vlmf"
-        return FusionHead(
+        vlmf = self.model.head in PROJECTED_HEADS
+        fusion = dict(
             input_widths={name: width for name, _, width in inputs},
             projections=(
                 {name: projection_of[modality] for name, modality, _ in inputs} if vlmf else {}
@@ -288,6 +352,12 @@ class FittedHead:
             contrastive_width=self.settings.contrastive_width if vlmf else 0,
             unpaired=("clinical",),
         )
+        if self.scores_exams:
+            (pooled,) = (name for name, modality, _ in inputs if modality == "image")
+            return ExamFusionHead(
+                pooled=pooled, attention_width=self.settings.attention_width, **fusion
+            )
+        return FusionHead(**fusion)
 
     def _clinical_input(self, table: pd.DataFrame | None) -> list[torch.Tensor]:
         """The encoded clinical variables as one more input; none for a head without them."""
@@ -373,21 +443,56 @@ class FittedHead:
         }
         return self._gated(_shifted(standardised, rows_of_site, shifts) + clinical)
 
-    def probabilities_of_prepared(self, prepared: Sequence[torch.Tensor]) -> np.ndarray:
+    def _scored(self, samples: Sequence[torch.Tensor]) -> tuple[np.ndarray, np.ndarray | None]:
+        """Probabilities [samples, classes], and the attention weights [exams, slots] of an
+        exam-level network (None otherwise)."""
+        if self.kind == "probe":
+            return self.probe_.predict_proba(torch.cat(list(samples), dim=1).numpy()), None
+        if self.scores_exams:
+            return predict_exams(self.network_, samples, self.settings.precision)
+        return predict_proba(self.network_, samples, self.settings.precision), None
+
+    def scores_of_prepared(
+        self, prepared: Sequence[torch.Tensor], exams: Sequence | np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Class probabilities [rows, classes] of inputs already `prepared`, and each row's
+        attention weight in its exam [rows] (NaN but for an exam-level network).
+
+        Args:
+            exams: each row's exam (see `fit`); an exam-level head scores the exams of the
+                rows given, on those rows, and gives every row its exam's probability.
+        """
+        self._check_fitted()
+        rows = len(prepared[0])
+        layout = self._layout(exams, rows)
+        probabilities, attention = self._scored(self._samples(prepared, layout))
+        if layout is not None:
+            probabilities = probabilities[layout.exam_of_row.numpy()]
+        if attention is None:
+            return probabilities, np.full(rows, np.nan, dtype=np.float32)
+        return probabilities, layout.per_row(torch.from_numpy(attention)).numpy()
+
+    def probabilities_of_prepared(
+        self, prepared: Sequence[torch.Tensor], exams: Sequence | np.ndarray | None = None
+    ) -> np.ndarray:
         """Class probabilities [rows, classes] of inputs already `prepared`: for analyses
         that change the head's own inputs (occlusion, swapped reports)."""
-        self._check_fitted()
-        return self._probabilities(prepared)
+        return self.scores_of_prepared(prepared, exams)[0]
 
-    def attribution_shares(self, prepared: Sequence[torch.Tensor]) -> np.ndarray:
+    def attribution_shares(
+        self, prepared: Sequence[torch.Tensor], exams: Sequence | np.ndarray | None = None
+    ) -> np.ndarray:
         """Each input's share [rows, inputs] of the positive log-odds, gradient x input on
         the vector the classifier reads (the probe: its weights x its inputs), summed per
-        input; shares are absolute values normalised to sum to 1 per row."""
+        input; shares are absolute values normalised to sum to 1 per row (an exam-level
+        head's: its exam's, on the pooled image and the report)."""
         self._check_fitted()
+        layout = self._layout(exams, len(prepared[0]))
+        samples = self._samples(prepared, layout)
         if self.kind == "head":
             parts = [
                 part.detach().requires_grad_(True)
-                for part in self.network_.eval().fused_parts([x.float() for x in prepared])
+                for part in self.network_.eval().fused_parts([x.float() for x in samples])
             ]
             logits = self.network_.classifier(torch.cat(parts, dim=-1))
             (logits[:, -1] - logits[:, 0]).sum().backward()
@@ -396,30 +501,38 @@ class FittedHead:
         else:
             coef = self.probe_.coef
             log_odds_weights = coef[-1] - coef[0] if len(coef) > 1 else coef[0]
-            features = torch.cat(list(prepared), dim=1).double().numpy() * log_odds_weights
-            bounds = np.cumsum([0, *(vectors.shape[1] for vectors in prepared)])
+            features = torch.cat(list(samples), dim=1).double().numpy() * log_odds_weights
+            bounds = np.cumsum([0, *(vectors.shape[1] for vectors in samples)])
             contributions = np.stack(
                 [features[:, start:end].sum(axis=1) for start, end in itertools.pairwise(bounds)],
                 axis=1,
             )
         magnitude = np.abs(contributions)
-        return magnitude / np.maximum(magnitude.sum(axis=1, keepdims=True), 1e-12)
+        shares = magnitude / np.maximum(magnitude.sum(axis=1, keepdims=True), 1e-12)
+        return shares if layout is None else shares[layout.exam_of_row.numpy()]
 
-    def _probabilities(self, prepared: Sequence[torch.Tensor]) -> np.ndarray:
-        if self.kind == "head":
-            return predict_proba(self.network_, prepared, self.settings.precision)
-        features = torch.cat(list(prepared), dim=1).numpy()
-        return self.probe_.predict_proba(features)
+    def predict_with_attention(
+        self,
+        inputs: Sequence[torch.Tensor],
+        sites: Sequence[str | None] | None = None,
+        centring: str = "stored",
+        exams: Sequence | np.ndarray | None = None,
+        table: pd.DataFrame | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Class probabilities [rows, classes] of raw vectors (see `prepared`), and each
+        row's attention weight in its exam (see scores_of_prepared)."""
+        return self.scores_of_prepared(self.prepared(inputs, sites, centring, table), exams)
 
     def predict_proba(
         self,
         inputs: Sequence[torch.Tensor],
         sites: Sequence[str | None] | None = None,
         centring: str = "stored",
+        exams: Sequence | np.ndarray | None = None,
         table: pd.DataFrame | None = None,
     ) -> np.ndarray:
-        """Class probabilities [rows, classes] of raw vectors (see `prepared`)."""
-        return self._probabilities(self.prepared(inputs, sites, centring, table))
+        """Class probabilities [rows, classes] of raw vectors (see predict_with_attention)."""
+        return self.predict_with_attention(inputs, sites, centring, exams, table)[0]
 
     # Checks
 

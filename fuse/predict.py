@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from fuse.data import CachedRows, load_cached_rows
+from fuse.exam_model import exam_ids
 from fuse.head import CENTRING, KINDS, FeatureSource, FittedHead
 from fuse.schema import probability_column
 from pipeline.config import require_paths, setting
@@ -162,7 +163,11 @@ def score(
         inputs = [data.features[feature] for feature in head.model.inputs]
         probabilities.append(
             head.predict_proba(
-                inputs, row_sites(data.table, head, centring), centring, table=data.table
+                inputs,
+                row_sites(data.table, head, centring),
+                centring,
+                exams=exam_ids(data.table),
+                table=data.table,
             )
         )
         thresholds.append(head.thresholds_[operating_point])

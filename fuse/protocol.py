@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from fuse.counterfactual import CONDITIONS, score_conditions
 from fuse.data import CachedRows, load_cached_rows
+from fuse.exam_model import exam_ids
 from fuse.head import FeatureSource, FittedHead
 from fuse.schema import (
     CURVES_FILE,
@@ -76,7 +77,8 @@ class ProtocolConfig(ClinicalSettings, HeadSettings):
         ("M4", "M1", "M2", "M3", "CLIP", "ALIGN", "BLIP-2", "ViLT", "Chinese-CLIP"),
         "models to train: M4 (VLMF-Net), ablations M1 image, M2 report, M3 ViT without "
         "Q-Former + report; frozen-feature baselines CLIP, ALIGN, BLIP-2, ViLT, Chinese-CLIP; "
-        "M4-clinical (M4 + the clinical columns declared below)",
+        "M4-clinical (M4 + the clinical columns declared below); M4-exam (M4 on whole exams, "
+        "attention over their images)",
     )
     image_encoder: str = setting("blip2-qformer", "encoder of M1's and M4's image features")
     text_encoder: str = setting("llama3", "encoder of M2's, M3's and M4's report features")
@@ -182,14 +184,16 @@ def _training_share(
     return {**rows, "train": torch.from_numpy(kept)}
 
 
-def _attributions(head: FittedHead, prepared: list[torch.Tensor]) -> dict[str, np.ndarray]:
+def _attributions(
+    head: FittedHead, prepared: list[torch.Tensor], exams: np.ndarray
+) -> dict[str, np.ndarray]:
     """Each input modality's attribution share per row, for heads of several modalities."""
     modalities = [modality for _, modality in head.model.inputs]
     if head.clinical_ is not None:
         modalities.append("clinical")  # the head's last input
     if len(set(modalities)) < 2:
         return {}
-    shares = head.attribution_shares(prepared)
+    shares = head.attribution_shares(prepared, exams)
     return {modality: shares[:, position] for position, modality in enumerate(modalities)}
 
 
@@ -242,6 +246,7 @@ def _fit(
         external_sites=_external_sites(data, job),
         training_sites=data.table["site"].to_numpy()[job.rows["train"].numpy()].tolist(),
         table=data.table,
+        exams=exam_ids(data.table),
     )
 
 
@@ -406,6 +411,7 @@ def _run_locked(
     learning_rate_of: dict[str, float] = {}
     searches: dict[str, list] = {}
     patients = data.table["patient_id"].to_numpy()
+    exams = exam_ids(data.table)
     for job in tqdm(jobs, desc="protocol", unit="head"):
         name = job.model.name
         raw = [data.features[feature] for feature in job.model.inputs]
@@ -425,7 +431,7 @@ def _run_locked(
                 settings = dataclasses.replace(config, learning_rate=learning_rate_of[name])
                 head = _fit(job, data, kind, settings, config)
             prepared = head.prepared(raw, sites, table=data.table)
-            probabilities = head.probabilities_of_prepared(prepared)
+            probabilities, attention = head.scores_of_prepared(prepared, exams)
             records.append(_record(job, head, time.perf_counter() - started, training_patients))
             if records[-1]["fallback_to_last_epoch"]:
                 tqdm.write(
@@ -452,7 +458,8 @@ def _run_locked(
                     data.table,
                     splits,
                     probabilities=probabilities,
-                    attributions=_attributions(head, prepared),
+                    attributions=_attributions(head, prepared, exams),
+                    attention=attention,
                     **row_of,
                 )
             )
@@ -464,6 +471,7 @@ def _run_locked(
                     patients,
                     data.labels.numpy(),
                     job.split.seed,
+                    exams,
                 ):
                     frames.append(
                         prediction_rows(

@@ -35,7 +35,7 @@ from fuse.schema import (
     read_predictions,
     read_runs,
 )
-from fuse.zoo import FROZEN_NOTE
+from fuse.zoo import EXAM_HEAD, FROZEN_NOTE
 from pipeline.atomic import staged_entries
 from pipeline.config import config_to_dict, require_paths, setting
 from pipeline.errors import UserError
@@ -257,6 +257,21 @@ def results_preamble(tables: Mapping[str, pd.DataFrame], runs: Mapping[str, Any]
             if settings.get("centre_external") and "external" in sets
             else ""
         )
+        + _exam_level_note(runs)
+    )
+
+
+def _exam_level_note(runs: Mapping[str, Any]) -> str:
+    """What the image-level rows of exam-level models are, when the run has any."""
+    exam_models = [name for name, spec in runs["models"].items() if spec.get("head") == EXAM_HEAD]
+    if not exam_models:
+        return ""
+    return (
+        f" Exam-level models ({', '.join(exam_models)}) score whole exams: every image row "
+        "repeats its exam's probability, so their image-level numbers weight each exam by its "
+        "image count; their comparable level is the exam level (section 'Image, exam and "
+        "patient level'). Their probe is a logistic regression on each exam's mean vectors, "
+        "and the table's attention column holds each image's weight in its exam."
     )
 
 

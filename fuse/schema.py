@@ -38,6 +38,9 @@ RUN_SECTIONS = ("note", "settings", "models", "learning_rate_search", "data", "r
 # replaced, fuse.counterfactual) carry their condition and the row whose vector they took.
 CONDITION_COLUMN, SOURCE_ROW_COLUMN = "condition", "source_row"
 OBSERVED = "observed"
+# Each row's attention weight in its exam, from an exam-level head; NaN for every other
+# head and condition. Written always, not required of a table (older tables still read).
+ATTENTION_COLUMN = "attention"
 
 
 def attribution_column(modality: str) -> str:
@@ -70,6 +73,7 @@ def prediction_rows(
     condition: str = OBSERVED,
     source_rows: np.ndarray | None = None,
     attributions: Mapping[str, np.ndarray] | None = None,
+    attention: np.ndarray | None = None,
 ) -> pd.DataFrame:
     """The table's rows for one fitted head, from plain arguments.
 
@@ -85,6 +89,7 @@ def prediction_rows(
         condition: OBSERVED, or the input replacement the rows were scored under.
         source_rows: the row whose vector each row received under `condition` (-1: none).
         attributions: each input modality's share of the positive log-odds per row.
+        attention: [rows] each row's attention weight in its exam; None: NaN.
     """
     frame = rows.loc[:, list(ROW_COLUMNS)].reset_index(drop=True)
     frame.insert(0, "row", rows.index.to_numpy())
@@ -104,6 +109,9 @@ def prediction_rows(
     )
     for modality, shares in (attributions or {}).items():
         frame[attribution_column(modality)] = np.asarray(shares, dtype=np.float32)
+    frame[ATTENTION_COLUMN] = (
+        np.full(len(frame), np.nan) if attention is None else np.asarray(attention)
+    ).astype(np.float32)
     return frame
 
 

@@ -48,6 +48,9 @@ class HeadSettings:
         256, "shared width the two projections are mapped to for the NT-Xent loss"
     )
     contrastive_weight: float = setting(0.1, "c in loss = cross-entropy + c x NT-Xent")
+    attention_width: int = setting(
+        128, "hidden width of the exam head's gated attention (Ilse et al. 2018 use 128)"
+    )
     temperature: float = setting(0.1, "NT-Xent softmax temperature tau")
     learning_rate: float = setting(
         1e-4,
@@ -175,7 +178,8 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _autocast(precision: str) -> contextlib.AbstractContextManager:
+def autocast(precision: str) -> contextlib.AbstractContextManager:
+    """A context where matrix products run in bfloat16 ("bf16"), or a no-op ("fp32")."""
     if precision == "bf16":
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -188,7 +192,7 @@ def predict_logits(
     """Float32 logits of every row of `inputs`, with dropout off."""
     model.eval()
     chunks = []
-    with _autocast(precision):
+    with autocast(precision):
         for start in range(0, len(inputs[0]), _PREDICT_CHUNK_ROWS):
             logits, _ = model([x[start : start + _PREDICT_CHUNK_ROWS] for x in inputs])
             chunks.append(logits.float())
@@ -372,7 +376,7 @@ def train_head(
             # One autocast region per step: autocast caches the bfloat16 copy of each weight
             # until its region ends, so a region spanning several optimizer steps would run
             # every forward of the epoch on the weights it started with.
-            with _autocast(settings.precision):
+            with autocast(settings.precision):
                 loss = training_loss(
                     model,
                     modality_dropped(

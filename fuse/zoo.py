@@ -19,7 +19,14 @@ HEADS = {
     "and report when both are used",
     "mlp": "frozen-feature baseline head: the encoder's vectors concatenated into the same MLP, "
     "cross-entropy only",
+    "exam": "exam-level VLMF-Net head: one sample per exam; the vision projector and "
+    "L2-normalisation per image, gated attention pooling over the exam's images (Ilse et al. "
+    "2018), fused with the report's projection, the same MLP; cross-entropy + 0.1 x NT-Xent "
+    "between pooled image and report, about batch_size pairs per step; its probe is the "
+    "logistic regression on each exam's mean vectors",
 }
+EXAM_HEAD = "exam"  # the head that scores whole exams: its table rows repeat the exam's score
+PROJECTED_HEADS = ("vlmf", EXAM_HEAD)  # heads with VLMF-Net's projectors and NT-Xent
 FROZEN_NOTE = (
     "Baselines are frozen-feature heads (cached encoder vectors + MLP), not fine-tuned models."
 )
@@ -60,6 +67,14 @@ def protocol_models(
             "extension",
             "VLMF-Net + the declared clinical variables through their own projector",
             clinical=True,
+        ),
+        ModelSpec(
+            "M4-exam",
+            EXAM_HEAD,
+            (image, text),
+            "extension",
+            "M4's inputs, one sample per exam: attention over its images + its report "
+            "(compare it at exam level; probe on exam-mean vectors)",
         ),
         ModelSpec(
             "CLIP",

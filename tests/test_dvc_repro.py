@@ -43,7 +43,7 @@ def test_dvc_repro_runs_every_stage_and_writes_metrics(tmp_path):
     manifest = pd.read_csv(tmp_path / "data" / "demo" / "manifest.csv", dtype=str)
     predictions = read_predictions(reports / "protocol", ("VCD", "GC"))
     models = params["fuse"]["models"]
-    assert len(models) == 10  # M1-M4, the five baselines and M4-clinical
+    assert len(models) == 11  # M1-M4, the five baselines, M4-clinical and M4-exam
     assert len(predictions) == len(manifest) * len(models) * 2 * 2  # models x heads x trials
     for model in models:
         metrics = json.loads((reports / "metrics" / f"{model}.json").read_text())
