@@ -557,6 +557,12 @@ def _notes(
     ]
     if head_note:
         notes.insert(0, head_note)
+    if not head.inputs_used_[explainer.position]:
+        notes.insert(
+            0,
+            "This head does not read the image: selection on validation kept the report "
+            "alone (modality_dropout), so every map is 0; explain another trial's head.",
+        )
     if explainer.transform.crop_size:
         notes.append(
             f"{spec.name} sees a centre crop: outside it the map is 0 (the encoder never saw "

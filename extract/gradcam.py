@@ -118,7 +118,10 @@ def patch_maps(
         scores = score(vectors)
         if len(captured) != 1:
             raise RuntimeError(f"the last block ran {len(captured)} times in one pass")
-        (gradients,) = torch.autograd.grad(scores.sum(), captured[0])
+        # A head that left the image out (input selection) gives no gradient: a zero map.
+        (gradients,) = torch.autograd.grad(
+            scores.sum(), captured[0], allow_unused=True, materialize_grads=True
+        )
     activations = captured[0].detach().float()[:, tokens.prefix_tokens :]
     gradients = gradients.float()[:, tokens.prefix_tokens :]
     side = math.isqrt(activations.shape[1])

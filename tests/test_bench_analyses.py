@@ -17,6 +17,7 @@ def test_analyses_bench_smoke_times_evaluate_and_every_analysis():
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert any(line.startswith("cpu: ") and len(line) > len("cpu: , python ") for line in lines)
-    for step in ("evaluate", *ANALYSES):
+    steps = ("protocol_conditions_per_head", "protocol_attributions_per_head")
+    for step in ("evaluate", *ANALYSES, *steps):
         assert any(re.fullmatch(rf"{step}: \d+\.\d s", line) for line in lines), step
     assert re.search(r"every step under 60 s: yes$", lines[-1])

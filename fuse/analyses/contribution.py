@@ -99,11 +99,11 @@ def _bootstrap_drop(
     return pd.DataFrame(records)
 
 
-def occlusion_table(inputs: AnalysisInputs) -> pd.DataFrame:
-    """One row per set, model, head, modality and replacement."""
+def occlusion_table(inputs: AnalysisInputs) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """One row per set, model, head, modality and replacement; and the same per trial."""
     observed = pooled_condition(inputs, "observed")
     settings = inputs.settings
-    frames = []
+    frames, per_trial = [], []
     for modality, title in MODALITY_TITLES.items():
         for replacement in REPLACEMENTS:
             condition = f"{modality}_{replacement}"
@@ -112,6 +112,7 @@ def occlusion_table(inputs: AnalysisInputs) -> pd.DataFrame:
             replaced = pooled_condition(inputs, condition)
             trials = _per_trial(observed, replaced)
             trials["drop"] = trials["auc_observed"] - trials["auc_replaced"]
+            per_trial.append(trials.assign(modality=title, replaced_by=REPLACEMENTS[replacement]))
             summary = trials.groupby(KEYS, sort=False).agg(
                 trials=("trial", "nunique"),
                 auc_observed=("auc_observed", "mean"),
@@ -135,7 +136,9 @@ def occlusion_table(inputs: AnalysisInputs) -> pd.DataFrame:
     table = pd.concat(frames, ignore_index=True).rename(columns={"split": "set"})
     table.insert(0, "level", "image")
     first = ["level", "set", "model", "head", "modality", "replaced_by", "trials"]
-    return table[first + [column for column in table if column not in first]]
+    trials = pd.concat(per_trial, ignore_index=True).rename(columns={"split": "set"})
+    trials.insert(0, "level", "image")
+    return table[first + [column for column in table if column not in first]], trials
 
 
 def attribution_table(inputs: AnalysisInputs) -> pd.DataFrame:
@@ -235,10 +238,14 @@ def analyse(inputs: AnalysisInputs) -> AnalysisResult:
                 "(no model has both an image and a report input, or conditions: false)."
             ],
         )
-    occlusion = occlusion_table(inputs)
+    occlusion, per_trial = occlusion_table(inputs)
     attribution = attribution_table(inputs)
     shown = ("leaning", "occlusion")
-    tables = {"leaning": leaning_table(occlusion, attribution), "occlusion": occlusion}
+    tables = {
+        "leaning": leaning_table(occlusion, attribution),
+        "occlusion": occlusion,
+        "occlusion_per_trial": per_trial,
+    }
     if len(attribution):
         tables["attribution"] = attribution
         shown = (*shown, "attribution")

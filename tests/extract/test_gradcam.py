@@ -118,3 +118,18 @@ def test_the_heatmap_peaks_on_the_patch_whose_token_carries_the_signal(transform
     heatmap = on_image(grids[0], transform, image.size)
     peak_y, peak_x = np.unravel_index(np.argmax(heatmap), heatmap.shape)
     assert left <= peak_x < right and top <= peak_y < bottom
+
+
+def test_a_score_that_ignores_the_image_gives_a_zero_map():
+    """A head whose input selection left the image out: no gradient reaches the patches."""
+    image = Image.fromarray(np.full((64, 64, 3), 200, dtype=np.uint8))
+    model = _RednessViT(patch=32)
+    transform = ImageTransform(64, (0, 0, 0), (1, 1, 1), "bilinear", "resize", None)
+    grids, _ = patch_maps(
+        model,
+        PatchTokens("blocks", 1),
+        model,
+        transform(image).unsqueeze(0),
+        lambda output: torch.zeros(len(output), requires_grad=True),
+    )
+    assert grids.shape[0] == 1 and torch.count_nonzero(torch.as_tensor(grids)) == 0
