@@ -246,7 +246,12 @@ class FittedHead:
                 "epochs_trained": trained.epochs_trained,
                 "fallback_to_last_epoch": trained.fallback,
             }
-            self.history_ = trained.history
+            names = [modality for _, modality in self.model.inputs]
+            names += ["clinical"] if self.clinical_ is not None else []
+            self.history_ = [  # which inputs each epoch's selected variant read, by name
+                {**record, "inputs_used": _used_names(names, record["inputs_used"][: len(names)])}
+                for record in trained.history
+            ]
         else:
             self.probe_ = fit_probe(samples, labels, train_rows, val_rows, seed)
             self.inputs_used_ = (True,) * len(ready)
@@ -776,6 +781,10 @@ def _shifted(
             vectors[rows] += shifts[site][position]
         shifted.append(vectors)
     return shifted
+
+
+def _used_names(names: Sequence[str], used: Sequence[bool]) -> str:
+    return "+".join(name for name, kept in zip(names, used, strict=True) if kept)
 
 
 def _stem(path: str | Path) -> Path:
