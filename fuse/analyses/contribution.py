@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from fuse.analyses.base import SET_TITLES, AnalysisInputs, AnalysisResult, sets_of
 from fuse.counterfactual import MODALITY_TITLES
 from fuse.evaluate import averaged_over_trials, pool_folds, scored_rows
-from fuse.schema import CONDITION_COLUMN, attribution_column
+from fuse.schema import CONDITION_COLUMN, OBSERVED, attribution_column
 from pipeline.metrics import roc_auc, weighted_auc
 from pipeline.stats import (
     bootstrap_p_value,
@@ -38,18 +38,24 @@ def pooled_condition(inputs: AnalysisInputs, condition: str) -> pd.DataFrame:
     """The fold-pooled scored rows of one condition (observed: the table itself)."""
     frame = (
         inputs.predictions
-        if condition == "observed"
+        if condition == OBSERVED
         else inputs.conditions[inputs.conditions[CONDITION_COLUMN] == condition]
     )
     return pool_folds(scored_rows(frame, inputs.classes))
 
 
-def _per_trial(observed: pd.DataFrame, replaced: pd.DataFrame) -> pd.DataFrame:
-    joined = observed.merge(
-        replaced[[*KEYS, "trial", "row", "score"]],
+def beside_observed(observed: pd.DataFrame, changed: pd.DataFrame, suffix: str) -> pd.DataFrame:
+    """The observed pooled rows that were also scored under a condition, with that score
+    as `score_<suffix>`."""
+    return observed.merge(
+        changed[[*KEYS, "trial", "row", "score"]],
         on=[*KEYS, "trial", "row"],
-        suffixes=("", "_replaced"),
+        suffixes=("", f"_{suffix}"),
     )
+
+
+def _per_trial(observed: pd.DataFrame, replaced: pd.DataFrame) -> pd.DataFrame:
+    joined = beside_observed(observed, replaced, "replaced")
     records = []
     for (model, head, split, trial), rows in joined.groupby([*KEYS, "trial"], sort=False):
         labels = rows["positive"].to_numpy(dtype=int)
@@ -101,7 +107,7 @@ def _bootstrap_drop(
 
 def occlusion_table(inputs: AnalysisInputs) -> tuple[pd.DataFrame, pd.DataFrame]:
     """One row per set, model, head, modality and replacement; and the same per trial."""
-    observed = pooled_condition(inputs, "observed")
+    observed = pooled_condition(inputs, OBSERVED)
     settings = inputs.settings
     frames, per_trial = [], []
     for modality, title in MODALITY_TITLES.items():

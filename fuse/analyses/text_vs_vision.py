@@ -18,8 +18,9 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from fuse.analyses.base import SET_TITLES, AnalysisInputs, AnalysisResult, sets_of
-from fuse.analyses.contribution import KEYS, pooled_condition
+from fuse.analyses.contribution import KEYS, beside_observed, pooled_condition
 from fuse.evaluate import pooled_rows
+from fuse.schema import OBSERVED
 from pipeline.metrics import roc_auc
 from pipeline.stats import mean_sd
 
@@ -41,12 +42,8 @@ def _summarised(per_trial: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
 
 def swap_table(inputs: AnalysisInputs) -> pd.DataFrame:
     """Accuracy with the observed and with a contradicting report, and whom decisions follow."""
-    observed = pooled_condition(inputs, "observed")
-    swapped = pooled_condition(inputs, "text_swapped")
-    joined = observed.merge(
-        swapped[[*KEYS, "trial", "row", "score"]],
-        on=[*KEYS, "trial", "row"],
-        suffixes=("", "_swapped"),
+    joined = beside_observed(
+        pooled_condition(inputs, OBSERVED), pooled_condition(inputs, "text_swapped"), "swapped"
     )
     records = []
     for (model, head, split, trial), rows in joined.groupby([*KEYS, "trial"], sort=False):
@@ -77,12 +74,8 @@ def swap_table(inputs: AnalysisInputs) -> pd.DataFrame:
 def missing_report_table(inputs: AnalysisInputs) -> pd.DataFrame:
     """AUC and accuracy with the report as observed, as missing (training mean), and of the
     image-only model on the same pairs (the fallback)."""
-    observed = pooled_condition(inputs, "observed")
-    missing = pooled_condition(inputs, "text_mean")
-    joined = observed.merge(
-        missing[[*KEYS, "trial", "row", "score"]],
-        on=[*KEYS, "trial", "row"],
-        suffixes=("", "_missing"),
+    joined = beside_observed(
+        pooled_condition(inputs, OBSERVED), pooled_condition(inputs, "text_mean"), "missing"
     )
     image_only = pooled_rows(
         inputs.predictions[inputs.predictions["model"] == IMAGE_ONLY_MODEL], inputs.classes
