@@ -344,6 +344,9 @@ def run(config: ProtocolConfig) -> dict[str, Any]:
         check_settings(config)
     except ValueError as error:
         raise UserError(str(error)) from None
+    for fraction in config.label_fractions or (0.0,):
+        if not 0 < fraction <= 1:  # before any data is read
+            raise UserError(f"label fraction {fraction}: give a share of patients in (0, 1]")
     models = select_models(
         protocol_models(config.image_encoder, config.text_encoder, config.vit_encoder),
         config.models,

@@ -85,6 +85,8 @@ BAD_INPUTS = [
     ),
     ("fuse", (*_PROTOCOL, "--classes", "VCD", "GC", "SCC"), "it must be exactly 2"),
     ("fuse", (*_PROTOCOL, "--batch-size", "0"), "--batch-size is 0; it must be at least 1"),
+    ("fuse", (*_PROTOCOL, "--modality-dropout", "1"), "give a probability below 1"),
+    ("fuse", (*_PROTOCOL, "--label-fractions", "0", "1"), "give a share of patients in (0, 1]"),
     ("fuse", (*_PROTOCOL, "--split", "random"), "--split is 'random'; it must be one of"),
     ("fuse", (*_PROTOCOL, "--selection", "auc"), "--selection is 'auc'; it must be one of"),
     ("fuse", (*_PROTOCOL, "--trials", "0"), "--trials is 0; it must be at least 1"),
