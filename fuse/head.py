@@ -246,8 +246,7 @@ class FittedHead:
                 "epochs_trained": trained.epochs_trained,
                 "fallback_to_last_epoch": trained.fallback,
             }
-            names = [modality for _, modality in self.model.inputs]
-            names += ["clinical"] if self.clinical_ is not None else []
+            names = self.input_names()
             self.history_ = [  # which inputs each epoch's selected variant read, by name
                 {**record, "inputs_used": _used_names(names, record["inputs_used"][: len(names)])}
                 for record in trained.history
@@ -576,11 +575,21 @@ class FittedHead:
                     file=sys.stderr,
                 )
 
+    def input_names(self) -> list[str]:
+        """Each input's name, in the order the network takes them: modalities, clinical."""
+        names = [modality for _, modality in self.model.inputs]
+        return names + (["clinical"] if getattr(self, "clinical_", None) is not None else [])
+
     def describe(self) -> str:
-        """ "M4 head (trial 0, fold 0)"."""
+        """ "M4 head (trial 0, fold 0)", and "; reads image only" where selection left an
+        input out."""
         where = ", ".join(
             f"{key} {value}" for key, value in self.origin.items() if key in ("trial", "fold")
         )
+        used = getattr(self, "inputs_used_", ())
+        if used and not all(used):
+            reads = f"reads {_used_names(self.input_names(), used)} only"
+            where = f"{where}; {reads}" if where else reads
         return f"{self.model.name} {self.kind}" + (f" ({where})" if where else "")
 
     # Saving

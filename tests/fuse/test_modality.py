@@ -15,6 +15,8 @@ from conftest import write_synthetic_cache
 
 from fuse import report
 from fuse.counterfactual import other_class_rows, other_patient_rows
+from fuse.data import load_cached_rows
+from fuse.head import FittedHead
 from fuse.protocol import ProtocolConfig, run
 from fuse.schema import read_predictions
 from fuse.train import modality_dropped
@@ -48,6 +50,7 @@ def one_informative(tmp_path_factory) -> dict[str, Path]:
                 manifest=str(files["manifest"]),
                 features=(str(files["image"]), str(files["text"])),
                 out=str(folder / "protocol"),
+                heads=str(folder / "models"),
                 **SETTINGS,
             )
         )
@@ -176,3 +179,27 @@ def test_label_fractions_train_on_fewer_patients_and_feed_the_curve(synthetic_ca
     curve = pd.read_csv(tmp_path / "report" / "analyses" / "label_efficiency_curve.csv")
     assert set(curve["fraction"]) == {0.2, 1.0} and (curve["trials"] == 2).all()
     assert (tmp_path / "report" / "plots" / "label_efficiency_curve.png").is_file()
+
+
+def test_a_head_that_left_an_input_out_says_so_and_ignores_it(one_informative):
+    """On the image-informative cache, a trial's M4 head whose selection kept the image
+    alone: its description says so, and its probabilities do not move with the report."""
+    folder = one_informative["image"]
+    heads = [
+        FittedHead.load(path) for path in sorted((folder / "models" / "M4").glob("*-head.json"))
+    ]
+    image_only = [head for head in heads if head.inputs_used_ == (True, False)]
+    assert image_only, [head.inputs_used_ for head in heads]
+    head = image_only[0]
+    assert head.describe().endswith("; reads image only)")
+    data = load_cached_rows(
+        str(folder / "manifest.csv"),
+        [str(folder / "image.h5"), str(folder / "text.h5")],
+        list(head.model.inputs),
+        CLASSES,
+    )
+    image, text = (data.features[feature] for feature in head.model.inputs)
+    shuffled = text[torch.randperm(len(text), generator=torch.Generator().manual_seed(0))]
+    np.testing.assert_allclose(
+        head.predict_proba([image, text]), head.predict_proba([image, shuffled]), atol=1e-6
+    )
