@@ -140,7 +140,7 @@ def score_conditions(
         for name in conditions:
             modality, how = name.split("_")
             position = modalities.index(modality)
-            mean = head.train_mean_[position]
+            mean = head.absent_[position]  # what the head was trained to read as missing
             if how == "permuted":
                 scored, sources = rows, others
             elif how == "mean":

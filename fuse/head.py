@@ -746,11 +746,12 @@ class FittedHead:
             for index, site in enumerate(config["external_sites"])
         }
         head.thresholds_ = dict(config["thresholds"])
-        head.absent_ = [
-            tensors[f"absent.{position}"]
-            for position in range(len([name for name in tensors if name.startswith("absent.")]))
-        ]
-        # heads saved before input selection read every input
+        absent = sum(name.startswith("absent.") for name in tensors)
+        # heads saved before input selection (no clinical input either) read every input,
+        # and their stand-in for a missing input is the training mean
+        head.absent_ = [tensors[f"absent.{position}"] for position in range(absent)] or list(
+            head.train_mean_
+        )
         head.inputs_used_ = tuple(config.get("inputs_used") or (True,) * len(head.absent_))
         head.training_ = dict(config["training"])
         head.history_ = []

@@ -420,6 +420,11 @@ def _run_locked(
         raw = [data.features[feature] for feature in job.model.inputs]
         sites = _row_sites(data, job)
         training_patients = len(data.patients(job.rows["train"]))
+        splits = job.split.splits.to_numpy().copy()
+        # Training patients left out of this job's share are not its training rows.
+        training = np.zeros(len(splits), dtype=bool)
+        training[job.rows["train"].numpy()] = True
+        splits[(splits == "train") & ~training] = UNUSED_SPLIT
         for kind in kinds:
             started = time.perf_counter()
             head = None
@@ -451,11 +456,6 @@ def _run_locked(
                 "classes": config.classes,
                 "fraction": job.fraction,
             }
-            splits = job.split.splits.to_numpy().copy()
-            # Training patients left out of this head's share are not its training rows.
-            training = np.zeros(len(splits), dtype=bool)
-            training[job.rows["train"].numpy()] = True
-            splits[(splits == "train") & ~training] = UNUSED_SPLIT
             frames.append(
                 prediction_rows(
                     data.table,

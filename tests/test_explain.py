@@ -12,17 +12,13 @@ import pytest
 import torch
 from PIL import Image
 from scipy.stats import spearmanr
+from tiny_m4 import train_tiny_m4
 
 from extract.explain import Explainer, load_image_encoder
 from extract.preprocess import decode_image
-from extract.run import ExtractConfig
-from extract.run import run as extract
 from fuse.data import load_cached_rows
 from fuse.head import FittedHead
-from fuse.protocol import ProtocolConfig, head_path
-from fuse.protocol import run as protocol
-from pipeline.demo.generate import DemoConfig
-from pipeline.demo.generate import run as demo
+from fuse.protocol import head_path
 
 REPO = Path(__file__).parents[1]
 
@@ -31,32 +27,19 @@ REPO = Path(__file__).parents[1]
 def trained(tmp_path_factory) -> dict:
     """A tiny demo, its tiny-encoder features and one saved M4 head."""
     folder = tmp_path_factory.mktemp("explain")
-    manifest = demo(
-        DemoConfig(out=str(folder / "demo"), patients=20, external_patients=4, images_per_report=3)
-    )
-    features = []
-    for encoder in ("blip2-qformer", "llama3"):
-        out = folder / f"{encoder}.h5"
-        extract(ExtractConfig(model=encoder, manifest=str(manifest), out=str(out), num_workers=0))
-        features.append(str(out))
-    protocol(
-        ProtocolConfig(
-            manifest=str(manifest),
-            features=tuple(features),
-            out=str(folder / "protocol"),
-            heads=str(folder / "models"),
-            models=("M4",),
-            trials=1,
-            epochs=4,
-            probes=False,
-            learning_rate=1e-3,
-            # On 24 patients, input selection may leave the image out of the head; these
-            # tests explain a head that reads it.
-            modality_dropout=0.0,
-        )
+    run = train_tiny_m4(
+        folder,
+        20,
+        4,
+        trials=1,
+        epochs=4,
+        probes=False,
+        # On 24 patients, input selection may leave the image out of the head; these
+        # tests explain a head that reads it.
+        modality_dropout=0.0,
     )
     head = head_path(folder / "models", "M4", "head", 0, 0).with_suffix(".json")
-    return {"folder": folder, "manifest": manifest, "features": features, "head": head}
+    return {**run, "head": head}
 
 
 def explain(trained: dict, *arguments: str) -> subprocess.CompletedProcess:

@@ -9,15 +9,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from tiny_m4 import train_tiny_m4
 
-from extract.run import ExtractConfig
-from extract.run import run as extract
 from fuse import predict
-from fuse.protocol import ProtocolConfig, head_path
-from fuse.protocol import run as protocol
+from fuse.protocol import head_path
 from fuse.schema import read_predictions
-from pipeline.demo.generate import DemoConfig
-from pipeline.demo.generate import run as demo
 
 REPO = Path(__file__).parents[1]
 HEAD_KINDS = ("head", "probe")
@@ -27,29 +23,9 @@ HEAD_KINDS = ("head", "probe")
 def trained(tmp_path_factory) -> dict:
     """A small demo, its tiny-encoder features and an M4 protocol with saved heads."""
     folder = tmp_path_factory.mktemp("predict")
-    manifest = demo(
-        DemoConfig(out=str(folder / "demo"), patients=30, external_patients=8, images_per_report=3)
-    )
-    features = []
-    for encoder in ("blip2-qformer", "llama3"):
-        out = folder / f"{encoder}.h5"
-        extract(ExtractConfig(model=encoder, manifest=str(manifest), out=str(out), num_workers=0))
-        features.append(str(out))
-    protocol(
-        ProtocolConfig(
-            manifest=str(manifest),
-            features=tuple(features),
-            out=str(folder / "protocol"),
-            heads=str(folder / "models"),
-            models=("M4",),
-            trials=2,
-            epochs=8,
-            warmup_epochs=1,
-            learning_rate=1e-3,
-        )
-    )
+    run = train_tiny_m4(folder, 30, 8, trials=2, epochs=8, warmup_epochs=1)
     table = read_predictions(folder / "protocol", ("VCD", "GC"))
-    return {"folder": folder, "manifest": manifest, "features": features, "table": table}
+    return {**run, "table": table}
 
 
 def cli(*arguments: str) -> subprocess.CompletedProcess:

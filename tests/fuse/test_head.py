@@ -121,6 +121,24 @@ def test_a_saved_head_loads_as_the_same_head(kind, tmp_path):
     assert not any(name.endswith(".py") for name in tensors)  # tensors only
 
 
+@pytest.mark.parametrize("kind", ["head", "probe"])
+def test_a_head_saved_before_input_selection_still_loads_and_reads_every_input(kind, tmp_path):
+    vectors, labels = separable()
+    head = fitted(kind, vectors, labels)
+    path = head.save(tmp_path / "old")
+    tensors = load_file(str(tmp_path / "old.safetensors"))
+    save_file(
+        {name: value for name, value in tensors.items() if not name.startswith("absent.")},
+        str(tmp_path / "old.safetensors"),
+    )
+    config = json.loads(path.read_text())
+    del config["inputs_used"]
+    path.write_text(json.dumps(config))
+    loaded = FittedHead.load(path)
+    assert loaded.inputs_used_ == (True,)
+    np.testing.assert_array_equal(loaded.predict_proba([vectors]), head.predict_proba([vectors]))
+
+
 def test_damaged_or_foreign_head_files_are_one_line(tmp_path):
     vectors, labels = separable()
     path = fitted("probe", vectors, labels).save(tmp_path / "h")

@@ -124,6 +124,7 @@ def test_other_class_rows_take_a_report_of_the_other_class():
     labels = np.array([0, 0, 1, 1, 0, 1, 1])
     patients = np.array(["a", "a", "b", "c", "d", "e", "e"])
     partner = other_class_rows(patients, labels, np.random.default_rng(0))
+    assert (partner >= 0).all()
     assert (labels[partner] != labels).all() and (patients[partner] != patients).all()
 
 
