@@ -27,6 +27,7 @@ from fuse.counterfactual import CONDITIONS, score_conditions
 from fuse.data import CachedRows, load_cached_rows
 from fuse.exam_model import exam_ids
 from fuse.head import FeatureSource, FittedHead
+from fuse.processes import Processes, start_processes, stop_processes
 from fuse.schema import (
     CURVES_FILE,
     EVALUATED_SETS,
@@ -332,12 +333,15 @@ def _record(job: _Job, head: FittedHead, seconds: float, training_patients: int)
     }
 
 
-def run(config: ProtocolConfig) -> dict[str, Any]:
+def run(config: ProtocolConfig) -> dict[str, Any] | None:
     """Fit and apply every requested model's head (and probe) on every trial; write the
     predictions table, and save the heads of the models `save_models` names.
 
+    Under torchrun or accelerate launch each process fits its share of the jobs and the
+    main one writes everything, equal to what one process writes (fuse.processes).
+
     Returns:
-        The run records written to runs.json.
+        The run records written to runs.json (None on the processes that do not write).
     """
     require_paths(config, "manifest", "features", "out")
     try:
@@ -364,23 +368,69 @@ def run(config: ProtocolConfig) -> dict[str, Any]:
         raise UserError(
             f"save_models {unknown} are not among the models trained ({list(config.models)})"
         )
-    out = Path(config.out)
-    with ExitStack() as outputs:
-        outputs.enter_context(output_lock(out, config.wait_for_lock))
-        staging = outputs.enter_context(atomic_folder(out, owned=OUTPUT_FILES))
-        heads = None
-        if config.heads:
-            outputs.enter_context(output_lock(Path(config.heads), config.wait_for_lock))
-            heads = outputs.enter_context(
-                atomic_folder(Path(config.heads), owned=tuple(protocol_models("", "", "")))
-            )
-        return _run_locked(config, models, staging, heads)
+    processes = start_processes()
+    try:
+        if not processes.main:
+            _fit_share(config, models, processes)
+            return None
+        out = Path(config.out)
+        with ExitStack() as outputs:
+            outputs.enter_context(output_lock(out, config.wait_for_lock))
+            staging = outputs.enter_context(atomic_folder(out, owned=OUTPUT_FILES))
+            heads = None
+            if config.heads:
+                outputs.enter_context(output_lock(Path(config.heads), config.wait_for_lock))
+                heads = outputs.enter_context(
+                    atomic_folder(Path(config.heads), owned=tuple(protocol_models("", "", "")))
+                )
+            return _write(config, models, _fit_share(config, models, processes), staging, heads)
+    finally:
+        stop_processes(processes)
 
 
-def _run_locked(
-    config: ProtocolConfig, models: list[ModelSpec], out: Path, heads: Path | None
-) -> dict[str, Any]:
-    """The protocol's work, writing into the staging folders `out` and `heads`."""
+@dataclass
+class _Fitted:
+    """One job's head or probe, as the table and runs.json take it."""
+
+    job: int
+    kind: str
+    record: dict[str, Any]
+    frames: list[pd.DataFrame]
+    curve: pd.DataFrame | None
+    saved: FittedHead | None  # kept for --heads (models in save_models only)
+
+
+@dataclass
+class _Share:
+    """What one process fitted, and the data every process read alike."""
+
+    fitted: list[_Fitted]
+    searches: dict[str, list]
+    data: CachedRows | None  # the main process's, for runs.json; not sent between processes
+
+
+def _plan_jobs(config: ProtocolConfig, models: list[ModelSpec], data: CachedRows) -> list[_Job]:
+    plan = plan_trials(
+        data.table, config.split, config.trials, config.folds, config.split_fractions, config.seed
+    )
+    for split in plan:
+        check_split_classes(
+            _rows_by_split(split), data.labels, f"trial {split.trial}", config.classes
+        )
+    # Largest share first, so a learning-rate search runs on a model's full training set.
+    fractions = sorted(set(config.label_fractions), reverse=True)
+    return [
+        _Job(model, split, _training_share(data, split, fraction), fraction)
+        for model in models
+        for split in plan
+        for fraction in fractions
+    ]
+
+
+def _fit_share(
+    config: ProtocolConfig, models: list[ModelSpec], processes: Processes
+) -> list[_Share] | None:
+    """Fit this process's share of the jobs; on the main process, every process's share."""
     data = load_cached_rows(
         config.manifest,
         config.features,
@@ -394,123 +444,167 @@ def _run_locked(
         if any(model.clinical for model in models)
         else None,
     )
-    plan = plan_trials(
-        data.table, config.split, config.trials, config.folds, config.split_fractions, config.seed
-    )
-    for split in plan:
-        check_split_classes(
-            _rows_by_split(split), data.labels, f"trial {split.trial}", config.classes
-        )
-    # Largest share first, so a learning-rate search runs on a model's full training set.
-    fractions = sorted(set(config.label_fractions), reverse=True)
-    jobs = [
-        _Job(model, split, _training_share(data, split, fraction), fraction)
-        for model in models
-        for split in plan
-        for fraction in fractions
-    ]
+    jobs = _plan_jobs(config, models, data)
     kinds = ("head", "probe") if config.probes else ("head",)
-    frames, curves, records = [], [], []
+    fitted: list[_Fitted] = []
     learning_rate_of: dict[str, float] = {}
     searches: dict[str, list] = {}
-    patients = data.table["patient_id"].to_numpy()
-    exams = exam_ids(data.table)
-    for job in tqdm(jobs, desc="protocol", unit="head"):
+    first_job_of: dict[str, int] = {}
+    for index, job in enumerate(jobs):
+        first_job_of.setdefault(job.model.name, index)
+    share = processes.share(jobs)
+    for index, job in tqdm(share, desc=f"protocol{processes.describe()}", unit="head"):
         name = job.model.name
-        raw = [data.features[feature] for feature in job.model.inputs]
-        sites = _row_sites(data, job)
-        training_patients = len(data.patients(job.rows["train"]))
-        splits = job.split.splits.to_numpy().copy()
-        # Training patients left out of this job's share are not its training rows.
-        training = np.zeros(len(splits), dtype=bool)
-        training[job.rows["train"].numpy()] = True
-        splits[(splits == "train") & ~training] = UNUSED_SPLIT
+        searched = None
+        if name not in learning_rate_of:
+            if len(config.learning_rates) > 1:
+                # Every process searches on the model's first job, so each uses the rate
+                # one process would; the winner's head is that job's head.
+                learning_rate_of[name], searches[name], searched = _search_learning_rate(
+                    jobs[first_job_of[name]], data, config
+                )
+                if index != first_job_of[name]:
+                    searched = None
+            else:
+                learning_rate_of[name] = (config.learning_rates or (config.learning_rate,))[0]
         for kind in kinds:
             started = time.perf_counter()
-            head = None
-            if kind == "head" and name not in learning_rate_of:
-                if len(config.learning_rates) > 1:
-                    learning_rate_of[name], searches[name], head = _search_learning_rate(
-                        job, data, config
-                    )
-                else:
-                    learning_rate_of[name] = (config.learning_rates or (config.learning_rate,))[0]
+            head = searched if kind == "head" else None
             if head is None:
                 settings = dataclasses.replace(config, learning_rate=learning_rate_of[name])
                 head = _fit(job, data, kind, settings, config)
-            prepared = head.prepared(raw, sites, table=data.table)
-            probabilities, attention = head.scores_of_prepared(prepared, exams)
-            records.append(_record(job, head, time.perf_counter() - started, training_patients))
-            if records[-1]["fallback_to_last_epoch"]:
-                tqdm.write(
-                    f"warning: {head.describe()}: no epoch after warm-up predicted both classes "
-                    "on validation; its last epoch was kept (see the report's Training table)",
-                    file=sys.stderr,
-                )
-            row_of = {
-                "model": name,
-                "head": kind,
-                "trial": job.split.trial,
-                "fold": job.split.fold,
-                "threshold": head.threshold_,
-                "classes": config.classes,
-                "fraction": job.fraction,
-            }
+            fitted.append(_applied(job, index, kind, head, data, config, started))
+            del head
+            release_freed_memory()  # a head's copies of the inputs, before the next one
+    gathered = processes.gather(_Share(fitted, searches, None))
+    if gathered is None:
+        return None
+    gathered[0].data = data
+    return gathered
+
+
+def _applied(
+    job: _Job,
+    index: int,
+    kind: str,
+    head: FittedHead,
+    data: CachedRows,
+    config: ProtocolConfig,
+    started: float,
+) -> _Fitted:
+    """`head` (already fitted on `job`) applied to every row, and its record."""
+    name = job.model.name
+    raw = [data.features[feature] for feature in job.model.inputs]
+    patients = data.table["patient_id"].to_numpy()
+    exams = exam_ids(data.table)
+    splits = job.split.splits.to_numpy().copy()
+    # Training patients left out of this job's share are not its training rows.
+    training = np.zeros(len(splits), dtype=bool)
+    training[job.rows["train"].numpy()] = True
+    splits[(splits == "train") & ~training] = UNUSED_SPLIT
+    prepared = head.prepared(raw, _row_sites(data, job), table=data.table)
+    probabilities, attention = head.scores_of_prepared(prepared, exams)
+    record = _record(
+        job, head, time.perf_counter() - started, len(data.patients(job.rows["train"]))
+    )
+    if record["fallback_to_last_epoch"]:
+        tqdm.write(
+            f"warning: {head.describe()}: no epoch after warm-up predicted both classes "
+            "on validation; its last epoch was kept (see the report's Training table)",
+            file=sys.stderr,
+        )
+    row_of = {
+        "model": name,
+        "head": kind,
+        "trial": job.split.trial,
+        "fold": job.split.fold,
+        "threshold": head.threshold_,
+        "classes": config.classes,
+        "fraction": job.fraction,
+    }
+    frames = [
+        prediction_rows(
+            data.table,
+            splits,
+            probabilities=probabilities,
+            attributions=_attributions(head, prepared, exams),
+            attention=attention,
+            **row_of,
+        )
+    ]
+    if config.conditions:
+        for condition in score_conditions(
+            head,
+            prepared,
+            {split: job.rows[split].numpy() for split in EVALUATED_SETS},
+            patients,
+            data.labels.numpy(),
+            job.split.seed,
+            exams,
+        ):
             frames.append(
                 prediction_rows(
-                    data.table,
-                    splits,
-                    probabilities=probabilities,
-                    attributions=_attributions(head, prepared, exams),
-                    attention=attention,
+                    data.table.iloc[condition.rows],
+                    splits[condition.rows],
+                    probabilities=condition.probabilities,
+                    condition=condition.name,
+                    source_rows=condition.source_rows,
                     **row_of,
                 )
             )
-            if config.conditions:
-                for condition in score_conditions(
-                    head,
-                    prepared,
-                    {split: job.rows[split].numpy() for split in EVALUATED_SETS},
-                    patients,
-                    data.labels.numpy(),
-                    job.split.seed,
-                    exams,
-                ):
-                    frames.append(
-                        prediction_rows(
-                            data.table.iloc[condition.rows],
-                            splits[condition.rows],
-                            probabilities=condition.probabilities,
-                            condition=condition.name,
-                            source_rows=condition.source_rows,
-                            **row_of,
-                        )
-                    )
-            if kind == "head":
-                curves.append(
-                    pd.DataFrame(head.history_).assign(
-                        model=name,
-                        trial=job.split.trial,
-                        fold=job.split.fold,
-                        fraction=job.fraction,
-                    )
+    curve = None
+    if kind == "head":
+        curve = pd.DataFrame(head.history_).assign(
+            model=name, trial=job.split.trial, fold=job.split.fold, fraction=job.fraction
+        )
+    saved = head if config.heads and name in config.save_models else None
+    return _Fitted(index, kind, record, frames, curve, saved)
+
+
+def _write(
+    config: ProtocolConfig,
+    models: list[ModelSpec],
+    shares: list[_Share],
+    out: Path,
+    heads: Path | None,
+) -> dict[str, Any]:
+    """The predictions table, curves, runs.json and saved heads, in job order: the same
+    files whichever process fitted which job."""
+    kinds = ("head", "probe")
+    fitted = sorted(
+        (item for share in shares for item in share.fitted),
+        key=lambda item: (item.job, kinds.index(item.kind)),
+    )
+    searches: dict[str, list] = {}
+    for share in shares:
+        searches.update(share.searches)
+    for item in fitted:
+        if heads and item.saved is not None:
+            split = item.saved.origin
+            item.saved.save(
+                head_path(
+                    heads,
+                    item.record["model"],
+                    item.kind,
+                    split["trial"],
+                    split["fold"],
+                    split["fraction"],
                 )
-            if heads and name in config.save_models:
-                head.save(
-                    head_path(heads, name, kind, job.split.trial, job.split.fold, job.fraction)
-                )
-            del head, probabilities, prepared
-            release_freed_memory()  # a head's copies of the inputs, before the next one
-    predictions = pd.concat(frames, ignore_index=True)
+            )
+    predictions = pd.concat([frame for item in fitted for frame in item.frames], ignore_index=True)
     predictions.to_parquet(out / PREDICTIONS_FILE, index=False)
-    pd.concat(curves, ignore_index=True).to_csv(out / CURVES_FILE, index=False)
+    pd.concat([item.curve for item in fitted if item.curve is not None], ignore_index=True).to_csv(
+        out / CURVES_FILE, index=False
+    )
     result = {
         "note": FROZEN_NOTE,
         "settings": config_to_dict(config),
         "models": {model.name: dataclasses.asdict(model) for model in models},
-        "learning_rate_search": searches,
-        "data": _data_identity(config, data),
-        "runs": records,
+        "learning_rate_search": {
+            model.name: searches[model.name] for model in models if model.name in searches
+        },
+        "data": _data_identity(config, shares[0].data),
+        "runs": [item.record for item in fitted],
     }
     (out / RUNS_FILE).write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
     return result

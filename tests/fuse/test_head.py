@@ -90,8 +90,10 @@ def test_the_probe_fits_training_rows_only():
     expected = LogisticRegression(C=head.probe_.c, max_iter=2000, random_state=0)
     expected.fit(prepared[:80].double().numpy(), labels[:80].numpy())
     np.testing.assert_allclose(head.probe_.coef, expected.coef_, rtol=1e-3, atol=1e-4)
+    # The probe's fit starts from the previous C's weights, so it stops within lbfgs's
+    # tolerance of this cold fit, not on the same bits.
     np.testing.assert_allclose(
-        head.predict_proba([vectors]), expected.predict_proba(prepared.double().numpy()), atol=1e-5
+        head.predict_proba([vectors]), expected.predict_proba(prepared.double().numpy()), atol=1e-3
     )
 
 
