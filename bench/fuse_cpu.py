@@ -5,17 +5,23 @@ On a synthetic cache of the paper's shape (5,799 pairs, 404 reports, 1024-d imag
 
 1. the reference loop: a per-pair Dataset and DataLoader, nn.Linear layers, default AdamW,
    float32 (the same model, loss, schedule, batch size and validation each epoch);
-2. `fuse`'s training (fuse.train.train_head): tensors in memory, fused AdamW, bf16 autocast;
+2. `fuse`'s training (fuse.train.train_head): tensors in memory, a bfloat16 network with
+   float32 master weights updated by one compiled AdamW pass per tensor (fuse.optim);
+   beside it the way it trained before (float32 weights under bf16 autocast, PyTorch's
+   fused AdamW: a cast of every weight and gradient each step) and float32, with each
+   one's kept-epoch validation AUC, and a second seed's for the trial-to-trial noise;
 3. this machine's floor for that training: model FLOPs over a bf16 matmul rate, plus the
    optimizer's bytes over the memory bandwidth, both measured here;
-4. the whole protocol (`python -m fuse protocol` in its own process: M1-M4 and the
-   baselines at their real widths, N trials, probes) on synthetic feature files, with
-   head and probe seconds from its runs.json. At 80 epochs it runs with its defaults
-   (patience 20) and is timed as is; the output adds what every epoch would have cost;
-5. the peak RSS of the protocol's process (and of the bench's own).
+4. the whole protocol (`python -m fuse protocol`, M1-M4 and the baselines at their real
+   widths, N trials, probes) on synthetic feature files, under torchrun with one process
+   per core (`--processes`) as dvc.yaml runs it, with head and probe seconds from its
+   runs.json. At 80 epochs it runs with its defaults (patience 20) and is timed as is;
+   the output adds what every epoch would have cost;
+5. the peak RSS of the protocol's largest process (and of the bench's own).
 
 Seconds per 80-epoch training are measured on `--epochs` epochs and scaled to 80 (said in
-the output). Writes bench/results/fuse_cpu.json. The last line ends in `ratio: N`.
+the output). Writes bench/results/fuse_cpu.json. The first line names the CPU; the last
+gives fuse's multiple of the floor and ends in `ratio: N` (reference / fuse).
 
     python bench/fuse_cpu.py                 # full
     python bench/fuse_cpu.py --epochs 8      # per-training times from 8 epochs, full protocol
@@ -29,6 +35,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import platform
 import resource
 import subprocess
@@ -47,8 +54,10 @@ from torch.utils.data import DataLoader, Dataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cache.store import FeatureSet, write_features  # noqa: E402
+from fuse import train as fuse_train  # noqa: E402
 from fuse.losses import nt_xent  # noqa: E402
 from fuse.model import FusionHead  # noqa: E402
+from fuse.optim import master_weights_available  # noqa: E402
 from fuse.train import HeadSettings, train_head, warmup_cosine  # noqa: E402
 from pipeline.keys import pair_key, text_key  # noqa: E402
 
@@ -179,9 +188,33 @@ def reference_training(data, settings: HeadSettings, seed: int) -> float:
     return time.perf_counter() - start
 
 
-def fuse_training(data, settings: HeadSettings, seed: int) -> tuple[float, float]:
-    """fuse's own training of the same head; returns seconds and the kept epoch's val AUC."""
+def cpu_name() -> str:
+    """The CPU's model name, and whether it has AMX (bf16 matmuls several times faster)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text(encoding="utf-8")
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in info.splitlines()
+            if line.startswith("model name")
+        ),
+        platform.machine(),
+    )
+    return f"{name} ({'with' if 'amx_bf16' in info else 'without'} AMX)"
+
+
+def fuse_training(
+    data, settings: HeadSettings, seed: int, master_weights: bool = True
+) -> tuple[float, float]:
+    """fuse's own training of the same head; returns seconds and the kept epoch's val AUC.
+    master_weights=False trains the way fuse did before fuse.optim (bf16 autocast on
+    float32 weights), for the comparison."""
     image, text, labels, groups, train, val = data
+    fuse_train.master_weights_available = (
+        master_weights_available if master_weights else lambda: False
+    )
     torch.manual_seed(seed)
     model = FusionHead(
         input_widths={"image0": image.shape[1], "text1": text.shape[1]},
@@ -194,6 +227,7 @@ def fuse_training(data, settings: HeadSettings, seed: int) -> tuple[float, float
     start = time.perf_counter()
     trained = train_head(model, [image, text], labels, groups, train, val, settings, seed)
     seconds = time.perf_counter() - start
+    fuse_train.master_weights_available = master_weights_available
     return seconds, trained.history[trained.best_epoch - 1]["val_auc"]
 
 
@@ -302,14 +336,18 @@ def write_protocol_cache(folder: Path, shape: dict[str, int], widths: dict) -> t
 
 
 def run_protocol_process(
-    manifest: Path, paths: list[str], out: Path, epochs: int, trials: int
+    manifest: Path, paths: list[str], out: Path, epochs: int, trials: int, processes: int
 ) -> dict[str, float]:
-    """`python -m fuse protocol` on the synthetic cache, as a user runs it, in its own process
-    (so its peak RSS is its own); head and probe seconds come from its runs.json."""
+    """`python -m fuse protocol` on the synthetic cache, as dvc.yaml runs it (under torchrun
+    with `processes` processes), in processes of its own (so their peak RSS is their
+    own); head and probe seconds come from its runs.json (summed over the processes)."""
     # At 80 epochs the protocol runs with its defaults, patience included, and is timed as
     # it is. At fewer, patience is off so that every head's time scales to 80 epochs.
+    launcher = [sys.executable]
+    if processes > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
     command = [
-        sys.executable, "-m", "fuse", "protocol", "--manifest", str(manifest),
+        *launcher, "-m", "fuse", "protocol", "--manifest", str(manifest),
         "--features", *paths, "--out", str(out), "--trials", str(trials),
         "--epochs", str(epochs), "--warmup-epochs", str(min(5, epochs - 1)),
         *(["--patience", "0"] if epochs < 80 else []),
@@ -323,6 +361,7 @@ def run_protocol_process(
     every_epoch_head_seconds = sum(run["seconds"] * 80 / run["epochs_trained"] for run in heads)
     return {
         "seconds": seconds,
+        "processes": processes,
         "heads": len(heads),
         "probes": len(runs) - len(heads),
         "head_seconds": head_seconds,
@@ -339,6 +378,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=80, help="epochs timed per training")
     parser.add_argument("--protocol-epochs", type=int, default=80, help="epochs per protocol head")
     parser.add_argument("--trials", type=int, default=5, help="protocol trials")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="protocol processes under torchrun (default: one per core, as dvc.yaml runs it)",
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, 2 epochs, 1 trial")
     args = parser.parse_args()
     shape = SMOKE if args.smoke else PAPER
@@ -352,15 +397,15 @@ def main() -> None:
         epochs=epochs, warmup_epochs=min(5, epochs - 1), batch_size=64, patience=0
     )
     print(
-        f"shape {shape}, batch 64, {epochs} epochs timed, scaled to 80; "
-        f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
+        f"CPU: {cpu_name()}, {torch.get_num_threads()} threads; shape {shape}, batch 64, "
+        f"{epochs} epochs timed, scaled to 80"
     )
     # First, while this process is small: a child's ru_maxrss also counts the pages of the
     # process it was started from, so started later it would report this bench's peak.
     with tempfile.TemporaryDirectory() as folder:
         manifest, paths = write_protocol_cache(Path(folder), shape, widths)
         protocol = run_protocol_process(
-            manifest, paths, Path(folder) / "out", protocol_epochs, trials
+            manifest, paths, Path(folder) / "out", protocol_epochs, trials, args.processes
         )
     measured = (
         f"{protocol['seconds'] / 60:.1f} min measured (heads {protocol['head_seconds']:.0f} s, "
@@ -380,20 +425,34 @@ def main() -> None:
     print(
         f"whole protocol ({protocol['heads']} heads + {protocol['probes']} probes: "
         f"{len(REAL_WIDTHS)} feature files at real widths, {trials} trials, up to "
-        f"{protocol_epochs} epochs): {at_80}; its peak RSS {protocol['peak_rss_gb']:.2f} GB"
+        f"{protocol_epochs} epochs, {args.processes} process(es)): {at_80}; "
+        f"its peak RSS {protocol['peak_rss_gb']:.2f} GB"
     )
     data = synthetic_rows(shape)
     scale = 80 / epochs
+    start = time.perf_counter()
+    compiled = master_weights_available()  # once per process, before anything is timed
+    print(
+        f"compiled optimizer: {'yes' if compiled else 'no (autocast path)'}, "
+        f"{time.perf_counter() - start:.1f} s once per process (not in the timings below)"
+    )
 
     reference = reference_training(data, settings, 0) * scale
     print(f"reference loop (per-pair DataLoader, AdamW, fp32): {reference:.1f} s / 80 epochs")
     seconds, auc_bf16 = fuse_training(data, settings, 0)
     ours = seconds * scale
-    print(f"fuse (in memory, fused AdamW, bf16):               {ours:.1f} s / 80 epochs")
+    print(f"fuse (in memory, bf16 with float32 master weights): {ours:.1f} s / 80 epochs")
+    seconds, auc_autocast = fuse_training(data, settings, 0, master_weights=False)
+    ours_autocast = seconds * scale
+    print(f"fuse before (bf16 autocast, fused AdamW):            {ours_autocast:.1f} s / 80 epochs")
     seconds, auc_fp32 = fuse_training(data, dataclasses.replace(settings, precision="fp32"), 0)
     ours_fp32 = seconds * scale
-    print(f"fuse with precision fp32 (for comparison):         {ours_fp32:.1f} s / 80 epochs")
-    print(f"kept epoch's validation AUC, same seed: bf16 {auc_bf16:.4f}, fp32 {auc_fp32:.4f}")
+    print(f"fuse with precision fp32 (for comparison):          {ours_fp32:.1f} s / 80 epochs")
+    _, auc_seed1 = fuse_training(data, settings, 1)
+    print(
+        f"kept epoch's validation AUC, seed 0: bf16 {auc_bf16:.4f}, bf16 autocast "
+        f"{auc_autocast:.4f}, fp32 {auc_fp32:.4f}; bf16 seed 1 (trial noise) {auc_seed1:.4f}"
+    )
     floor = floor_seconds(shape, dataclasses.replace(settings, epochs=80), len(data[4]))
     print(
         f"floor: {floor['step_gflop']:.2f} GFLOP/step at {floor['matmul_gflops_bf16']:.0f} GFLOP/s "
@@ -414,20 +473,31 @@ def main() -> None:
         "epochs_timed": epochs,
         "reference_seconds_80": reference,
         "fuse_seconds_80": ours,
+        "fuse_autocast_seconds_80": ours_autocast,
         "fuse_fp32_seconds_80": ours_fp32,
-        "kept_val_auc": {"bf16": auc_bf16, "fp32": auc_fp32},
+        "kept_val_auc": {
+            "bf16": auc_bf16,
+            "bf16_autocast": auc_autocast,
+            "fp32": auc_fp32,
+            "bf16_seed1": auc_seed1,
+        },
+        "cpu": cpu_name(),
         "floor": floor,
         "protocol": protocol,
         "protocol_epochs": protocol_epochs,
         "protocol_trials": trials,
         "bench_peak_rss_gb": peak_rss_gb,
         "ratio": reference / ours,
+        "floor_multiple": ours / floor["floor_seconds"],
         "smoke": args.smoke,
     }
     if not args.smoke:
         RESULTS.parent.mkdir(exist_ok=True)
         RESULTS.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(f"reference / fuse seconds per 80-epoch training, ratio: {reference / ours:.1f}")
+    print(
+        f"fuse is {ours / floor['floor_seconds']:.2f}x the floor; "
+        f"reference / fuse seconds per 80-epoch training, ratio: {reference / ours:.1f}"
+    )
 
 
 if __name__ == "__main__":
