@@ -3,9 +3,10 @@
 Everything a step touches is already a tensor in memory: a batch is an index into
 row-aligned matrices, so there is no per-sample Python, no DataLoader and no copy of the
 data set per epoch. Matrix products run in bfloat16 with float32 master weights,
-optimizer state and losses (fuse.optim: one compiled AdamW pass per tensor; where it
-cannot be compiled, float32 weights under autocast and PyTorch's fused AdamW);
-`precision: fp32` runs everything in float32 with the fused AdamW.
+optimizer state and losses: a large head's network holds bfloat16 weights updated by one
+compiled AdamW pass per tensor (fuse.optim); a small one's, or one where that cannot be
+compiled, float32 weights under autocast with PyTorch's fused AdamW. `precision: fp32`
+runs everything in float32 with the fused AdamW.
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ _MALLOPT_TRIM_THRESHOLD, _MALLOPT_MMAP_THRESHOLD = -1, -3  # glibc's mallopt par
 SELECTION_CRITERIA = ("val_loss", "val_auc")
 PRECISIONS = ("bf16", "fp32")
 _PREDICT_CHUNK_ROWS = 4096
+# Below this, a step's casts cost about what the compiled update's per-tensor calls do, and
+# compiling it (about 6 s per process) would not pay (bench/fuse_cpu.py: 10.9M parameters
+# at the paper's shape save about a fifth of a step; the demo's 2.2M, nothing measurable).
+MASTER_WEIGHTS_MIN_PARAMETERS = 4_000_000
 
 
 @dataclass(frozen=True)
@@ -355,7 +360,12 @@ def train_head(
     dropout_generator = torch.Generator().manual_seed(seed + 1)
     variants = input_variants(len(inputs), settings)
     num_classes = model.classifier[-1].out_features
-    master_weights = settings.precision == "bf16" and master_weights_available()
+    master_weights = (
+        settings.precision == "bf16"
+        and sum(parameter.numel() for parameter in model.parameters())
+        >= MASTER_WEIGHTS_MIN_PARAMETERS
+        and master_weights_available()
+    )
     if master_weights:  # the network computes in bfloat16; its float32 weights are here
         optimizer = MasterWeightAdamW(
             model, lr=settings.learning_rate, weight_decay=settings.weight_decay
