@@ -90,7 +90,7 @@ BAD_INPUTS = [
     ("fuse", (*_PROTOCOL, "--split", "random"), "--split is 'random'; it must be one of"),
     ("fuse", (*_PROTOCOL, "--selection", "auc"), "--selection is 'auc'; it must be one of"),
     ("fuse", (*_PROTOCOL, "--trials", "0"), "--trials is 0; it must be at least 1"),
-    ("fuse", (*_PROTOCOL[:4], "{out}", *_PROTOCOL[5:]), "is a folder; give the .h5 files"),
+    ("fuse", (*_PROTOCOL[:4], "{out}", *_PROTOCOL[5:]), "out holds no *.h5 file; extract into"),
     ("fuse", (*_PROTOCOL[:4], "{cut_features}", *_PROTOCOL[5:]), "re-run extraction"),
     ("fuse", (*_PROTOCOL, "--models", "M4-clinical"), "take clinical variables, but none are"),
     ("fuse", (*_PROTOCOL, "--clinical-missing", "drop"), "--clinical-missing is 'drop'"),
