@@ -2,7 +2,9 @@
 
 Each loads only the parts of a BLIP-2 checkpoint it runs: the attribute names are those of
 transformers' BLIP-2 classes, so `from_pretrained` on a full checkpoint fills them and
-skips the rest (the OPT language model, above all).
+skips the rest (the OPT language model, above all). In one pass, blip2-qformer and
+blip2-vit of one checkpoint load the ViT + Q-Former model once, and one forward of it
+gives both vectors (Blip2ImageEncoder.forward).
 """
 
 from __future__ import annotations
