@@ -320,7 +320,9 @@ def _read_items(
     image_root = config.image_root or None
     paths = list(table["image_path"].unique()) if modality != "text" else []
     share = paths_to_read(paths, config.batch_size, state.process_index, state.num_processes)
-    reads = read_images(share, config.manifest, image_root, show_progress=state.is_main_process)
+    reads = read_images(
+        share, config.manifest, image_root, show_progress=state.is_main_process and bool(paths)
+    )
     checks = {
         path: check
         for part in on_every_process(lambda: reads.checks)
