@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from bench.machine import cpu_name  # noqa: E402
 from fuse.analyses import ANALYSES, AnalysisInputs, AnalysisSettings  # noqa: E402
 from fuse.counterfactual import CONDITIONS, conditions_of, score_conditions  # noqa: E402
 from fuse.evaluate import evaluate  # noqa: E402
@@ -68,16 +69,6 @@ MODELS = ("M4", "M1", "M2", "M3", "CLIP", "ALIGN", "BLIP-2", "ViLT", "Chinese-CL
 CLASSES = ("VCD", "GC")
 LIMIT_SECONDS = 60.0
 RESULTS = Path(__file__).parent / "results" / "analyses.json"
-
-
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo, else what platform knows."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def manifest_rows(shape: dict, rng: np.random.Generator) -> pd.DataFrame:

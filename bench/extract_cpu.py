@@ -15,7 +15,7 @@ by side:
    and report once, in batches, with workers, in the precision measured faster here
    (float32 and bfloat16 are both timed on a sample and printed);
 3. each encoder's achieved GFLOP/s (FLOPs from its config, bench/model_flops.py, times the
-   items, over the seconds spent inside encode) against a plain matmul of its MLP's shape
+   items, over the seconds spent inside its forward) against a plain matmul of its MLP's shape
    measured in this run, in float32 and bfloat16: this machine's ceiling;
 4. the padding share of the text batches.
 
@@ -121,22 +121,27 @@ def write_encoders(folder: Path, configs: dict[str, PretrainedConfig]) -> Path:
 
 @contextmanager
 def encode_seconds(name: str) -> Iterator[list[float]]:
-    """Seconds spent inside encode() of the loader class `name` runs, while in the block."""
+    """Seconds spent inside forward() of the loader class `name` runs (the model's forward
+    pass, which extract runs once per batch; pooling is negligible), while in the block."""
     encoder_class = ENCODER_CLASSES[LOADER[name]]
-    original = encoder_class.encode
+    original = encoder_class.forward
     seconds = [0.0]
 
     def timed(self: Encoder, batch):
         start = time.perf_counter()
-        vectors = original(self, batch)
+        outputs = original(self, batch)
         seconds[0] += time.perf_counter() - start
-        return vectors
+        return outputs
 
-    encoder_class.encode = timed
+    inherited = "forward" not in vars(encoder_class)
+    encoder_class.forward = timed
     try:
         yield seconds
     finally:
-        encoder_class.encode = original
+        if inherited:
+            del encoder_class.forward
+        else:
+            encoder_class.forward = original
 
 
 def load(name: str, registry: Path, dtype: str) -> Encoder:
@@ -286,7 +291,7 @@ def main() -> None:
         print(
             f"extract (unique items, batches of {args.batch_size}, {args.num_workers} "
             f"worker(s), {dtype_of[IMAGE]} image / {dtype_of[TEXT]} text): {ours_total:.1f} s "
-            f"(image {ours[IMAGE]:.1f} s, text {ours[TEXT]:.1f} s; inside encode "
+            f"(image {ours[IMAGE]:.1f} s, text {ours[TEXT]:.1f} s; inside forward "
             f"{encode[IMAGE]:.1f} s and {encode[TEXT]:.1f} s)"
         )
         features = {name: read_features(path) for name, path in outputs.items()}
@@ -348,7 +353,7 @@ def main() -> None:
         rates[name] = {"achieved": achieved, "ceiling": ceiling, "flops": flops[name]}
         print(
             f"{name} achieved {achieved / 1e9:.3g} GFLOP/s ({flops[name] / 1e12:.3g} TFLOP from "
-            f"its config / {encode[name]:.1f} s in encode) = "
+            f"its config / {encode[name]:.1f} s in forward) = "
             f"{achieved / ceiling[dtype_of[name]]:.0%} of a plain {dtype_of[name]} matmul "
             f"[{tokens_per_batch[name]}x{widths[name][0]}]x[{widths[name][0]}x{widths[name][1]}]: "
             f"{ceiling['float32'] / 1e9:.3g} GFLOP/s float32, {ceiling['bfloat16'] / 1e9:.3g} "

@@ -19,23 +19,24 @@ import h5py
 from pipeline.atomic import write_atomically
 
 
-def write_hdf5_atomically(
-    path: Path, fill: Callable[[h5py.File], None], *, hook_point: str, kept: str = ""
-) -> Path:
+def hdf5_bytes(fill: Callable[[h5py.File], None]) -> memoryview:
+    """The bytes of an HDF5 file built in memory by `fill(handle)`."""
+    image = io.BytesIO()
+    with h5py.File(image, "w") as handle:
+        fill(handle)
+    return image.getbuffer()
+
+
+def write_hdf5_atomically(path: Path, fill: Callable[[h5py.File], None], *, kept: str = "") -> Path:
     """Build an HDF5 file with `fill(handle)` in memory, then write it to `path` atomically.
 
     Args:
         path: the final file.
         fill: writes every attribute and dataset into the open file it is given.
-        hook_point, kept: as for pipeline.atomic.write_atomically.
+        kept: as for pipeline.atomic.write_atomically.
 
     Raises:
         UserError: the disk is full or the write fails otherwise; `path` is unchanged.
     """
-    image = io.BytesIO()
-    with h5py.File(image, "w") as handle:
-        fill(handle)
-    content = image.getbuffer()
-    return write_atomically(
-        path, lambda temporary: temporary.write_bytes(content), hook_point=hook_point, kept=kept
-    )
+    content = hdf5_bytes(fill)
+    return write_atomically(path, lambda temporary: temporary.write_bytes(content), kept=kept)

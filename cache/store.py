@@ -29,7 +29,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from cache.hdf5 import write_hdf5_atomically
+from cache.hdf5 import hdf5_bytes, write_hdf5_atomically
 from pipeline.errors import UserError
 
 FORMAT_NAME = "vlmf-features"
@@ -96,34 +96,39 @@ def _write_texts(group: h5py.Group, name: str, texts: Sequence[str]) -> None:
     group.create_dataset(name, data=list(texts), dtype=_TEXT, track_times=False)
 
 
+def fill_features(handle: h5py.File, features: FeatureSet) -> None:
+    """Write `features` into an open, empty HDF5 file, marking it complete last."""
+    handle.attrs["format"] = FORMAT_NAME
+    handle.attrs["format_version"] = FORMAT_VERSION
+    handle.attrs["complete"] = False
+    group = handle.create_group("features")
+    group.attrs["provenance"] = json.dumps(dict(features.provenance), ensure_ascii=False)
+    _write_texts(group, "keys", features.keys)
+    group.create_dataset("vectors", data=features.vectors, track_times=False)
+    for group_name, column, table in (
+        ("sources", "key", features.sources),
+        ("skipped", "reason", features.skipped),
+    ):
+        if table:
+            columns = handle.create_group(group_name)
+            _write_texts(columns, "name", list(table))
+            _write_texts(columns, column, list(table.values()))
+    handle.attrs["complete"] = True
+
+
+def features_bytes(features: FeatureSet) -> memoryview:
+    """The bytes of the feature file holding `features` (what write_features writes), for a
+    writer that puts them on disk itself (extraction, which marks its own moments)."""
+    return hdf5_bytes(lambda handle: fill_features(handle, features))
+
+
 def write_features(path: str | Path, features: FeatureSet) -> Path:
     """Write `features` to `path` atomically (via a .partial file, marked complete last).
 
     Raises:
         UserError: the disk is full or the write fails otherwise; `path` is unchanged.
     """
-
-    def fill(handle: h5py.File) -> None:
-        handle.attrs["format"] = FORMAT_NAME
-        handle.attrs["format_version"] = FORMAT_VERSION
-        handle.attrs["complete"] = False
-        group = handle.create_group("features")
-        group.attrs["provenance"] = json.dumps(dict(features.provenance), ensure_ascii=False)
-        _write_texts(group, "keys", features.keys)
-        group.create_dataset("vectors", data=features.vectors, track_times=False)
-        for group_name, column, table in (
-            ("sources", "key", features.sources),
-            ("skipped", "reason", features.skipped),
-        ):
-            if table:
-                columns = handle.create_group(group_name)
-                _write_texts(columns, "name", list(table))
-                _write_texts(columns, column, list(table.values()))
-        handle.attrs["complete"] = True
-
-    return write_hdf5_atomically(
-        Path(path), fill, hook_point="consolidate", kept=", finished batches are kept"
-    )
+    return write_hdf5_atomically(Path(path), lambda handle: fill_features(handle, features))
 
 
 _RERUN = "re-run extraction (python -m extract with the same --out) to write it again"

@@ -20,6 +20,10 @@ encoders such as ViLT, image-report pair of a manifest once with a frozen encode
 the vectors, keyed by content, to an HDF5 feature file with their provenance (encoder,
 weights fingerprint, pooling, dtype, ...). Image and pair files also get an image path ->
 image key table, so training later needs no images.
+Several --model encoders of one modality run as one pass into --out FOLDER, one file each
+(FOLDER/<model>.h5, the file a run of that model alone writes): each image file is read
+and decoded once for all of them, and encoders of one checkpoint (blip2-qformer and
+blip2-vit; poolings of one model) load it once and share each forward.
 The manifest is validated before any model loads; image files that are missing, empty or
 damaged and reports that are empty or hold control characters are skipped, recorded in the
 file and summarised (--strict true refuses them instead). Finished batches are saved at
@@ -44,6 +48,14 @@ EXAMPLES = """\
   python -m extract --model llama3 --weights tiny \\
       --manifest demo/manifest.csv --out features/text.h5
 
+  # one pass, several outputs (one modality): features/images/blip2-qformer.h5, ...;
+  # each image read and decoded once, BLIP-2 loaded once and its ViT run once per batch
+  python -m extract --model blip2-qformer blip2-vit clip-image --weights tiny \\
+      --manifest demo/manifest.csv --out features/images
+  # --pooling (and --weights) take one value for all, or one per model
+  python -m extract --model llama3 clip-text --pooling last auto \\
+      --manifest demo/manifest.csv --out features/reports
+
   # real weights from a downloaded folder (hf download hfl/llama-3-chinese-8b --local-dir DIR)
   python -m extract --model llama3 --weights /models/llama-3-chinese-8b \\
       --manifest data/manifest.csv --out features/text.h5 --dtype bfloat16
@@ -57,18 +69,21 @@ EXAMPLES = """\
   python -m extract --model blip2-qformer --weights hub \\
       --manifest data/manifest.csv --out features/image.h5
 
-  # several GPUs: one process per GPU, each encodes a share into parts, the main one
-  # writes the file (several CPU processes: add --device cpu; see the README's Long runs;
-  # accelerate launch --cpu would start one process only)
+  # several GPUs: one process per GPU, each encodes a share of the batches into parts,
+  # the main one writes every file (several CPU processes: add --device cpu; see the
+  # README's Long runs; accelerate launch --cpu would start one process only)
   accelerate launch --multi_gpu --num_processes 4 -m extract --model blip2-qformer \\
-      --weights hub --manifest data/manifest.csv --out features/image.h5 --dtype float16
+      blip2-vit --weights hub --manifest data/manifest.csv --out features/images \\
+      --dtype float16
 
   # killed, or out of disk? run the same command again: finished batches are kept (in
   # FILE.h5.parts/). A second run on the same --out waits up to an hour for the first:
   python -m extract --params params.yaml --section extract_text --wait-for-lock 3600
 
-  # as the dvc pipeline calls it: settings from a params.yaml section, flags override
-  python -m extract --params params.yaml --section extract_text"""
+  # as the dvc pipeline calls it: settings from a params.yaml section (one per group of
+  # one modality: model: [blip2-qformer, blip2-vit, ...], out: features/images), flags
+  # override
+  python -m extract --params params.yaml --section extract.images"""
 
 
 def list_encoders(argv: Sequence[str]) -> None:

@@ -7,11 +7,12 @@ of a CLIP-style dual encoder (dual-encoder), or ViLT (vilt).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import PretrainedConfig
+from transformers import BatchEncoding, PretrainedConfig
 from transformers.modeling_utils import PreTrainedModel
 
 from extract.encoders import Encoder, auto_model_class, joint_embedding, pool, probe_width
@@ -31,6 +32,16 @@ class AutoModelEncoder(Encoder):
         # from_pretrained on a *ForCausalLM / *ForMaskedLM checkpoint keeps the base model
         # and skips the head.
         return auto_model_class(config)
+
+
+@dataclass(frozen=True)
+class DecoderOutputs:
+    """One forward of a decoder LLM over a batch of texts."""
+
+    tokens: Mapping[str, torch.Tensor]  # input_ids, attention_mask and the pooling's masks
+    hidden: torch.Tensor  # last hidden states [rows, tokens, width]
+    text_of_row: torch.Tensor | None  # with windows: the text each row is a window of
+    texts: int  # texts in the batch
 
 
 class DecoderTextEncoder(AutoModelEncoder):
@@ -144,43 +155,53 @@ class DecoderTextEncoder(AutoModelEncoder):
         ).long()
         return tokens, torch.tensor(text_of_row, device=self.device)
 
-    def encode(self, batch: Sequence[str]) -> torch.Tensor:
-        """Texts -> [N, hidden size], truncated to max_length tokens, or with long_reports:
-        windows, the mean over every token of the text (each pooled in one window)."""
+    def forward_inputs(self) -> str:
+        # The prompt template around each report makes other tokens than the other poolings'.
+        return "in the prompt template" if self.spec.pooling == "prompt" else "as tokenised"
+
+    def forward(self, batch: Sequence[str]) -> DecoderOutputs:
+        """Texts -> their token rows (the prompt's, with long_reports: windows each text's
+        windows) and the model's last hidden states."""
+        text_of_row = None
         if self.preprocessing["long_reports"] == "windows":
-            return self._encode_windows(batch)
-        if self.spec.pooling == "prompt":
+            tokens, text_of_row = self._windows(batch)
+        elif self.spec.pooling == "prompt":
             tokens = self._prompt_tokens(batch)
-            pooled_mask = tokens["attention_mask"]
         else:
             tokens = self.tokenize(batch, return_special_tokens_mask=True)
-            pooled_mask = tokens["attention_mask"]
-            if self.spec.pooling == "mean":
-                # The begin-of-text state is the same for every report and, in LLaMA, huge.
-                pooled_mask = pooled_mask * (1 - tokens["special_tokens_mask"])
         hidden = self.model(
             input_ids=tokens["input_ids"],
             attention_mask=tokens["attention_mask"],
             use_cache=False,
         ).last_hidden_state
+        return DecoderOutputs(tokens, hidden, text_of_row, len(batch))
+
+    def pool_outputs(self, outputs: DecoderOutputs) -> torch.Tensor:
+        """-> [N, hidden size], truncated to max_length tokens, or with long_reports:
+        windows, the mean over every token of the text (each pooled in one window)."""
+        tokens = outputs.tokens
+        if outputs.text_of_row is not None:
+            return self._pool_windows(outputs)
+        pooled_mask = tokens["attention_mask"]
+        if self.spec.pooling == "mean":
+            # The begin-of-text state is the same for every report and, in LLaMA, huge.
+            pooled_mask = pooled_mask * (1 - tokens["special_tokens_mask"])
         return pool(
-            hidden, "last" if self.spec.pooling == "prompt" else self.spec.pooling, pooled_mask
+            outputs.hidden,
+            "last" if self.spec.pooling == "prompt" else self.spec.pooling,
+            pooled_mask,
         )
 
-    def _encode_windows(self, texts: Sequence[str]) -> torch.Tensor:
+    @staticmethod
+    def _pool_windows(outputs: DecoderOutputs) -> torch.Tensor:
         """The mean of each text's window means, weighted by the tokens each pools: the mean
         over all its tokens, each read with up to max_length tokens of context."""
-        tokens, text_of_row = self._windows(texts)
-        hidden = self.model(
-            input_ids=tokens["input_ids"],
-            attention_mask=tokens["attention_mask"],
-            use_cache=False,
-        ).last_hidden_state.float()
-        weights = tokens["pooled_mask"].unsqueeze(-1).float()
-        sums = torch.zeros(len(texts), hidden.shape[-1], device=hidden.device)
-        sums.index_add_(0, text_of_row, (hidden * weights).sum(dim=1))
-        counts = torch.zeros(len(texts), device=hidden.device)
-        counts.index_add_(0, text_of_row, weights.sum(dim=(1, 2)))
+        hidden = outputs.hidden.float()
+        weights = outputs.tokens["pooled_mask"].unsqueeze(-1).float()
+        sums = torch.zeros(outputs.texts, hidden.shape[-1], device=hidden.device)
+        sums.index_add_(0, outputs.text_of_row, (hidden * weights).sum(dim=1))
+        counts = torch.zeros(outputs.texts, device=hidden.device)
+        counts.index_add_(0, outputs.text_of_row, weights.sum(dim=(1, 2)))
         return sums / counts.clamp(min=1).unsqueeze(-1)
 
     def pooled(self) -> str:
@@ -213,12 +234,17 @@ class EncoderTextEncoder(AutoModelEncoder):
     def width(self) -> int:
         return self.model.config.hidden_size
 
-    def encode(self, batch: Sequence[str]) -> torch.Tensor:
-        """Texts -> [N, hidden size], truncated to max_length tokens."""
+    def forward(self, batch: Sequence[str]) -> tuple[BatchEncoding, torch.Tensor]:
+        """Texts, truncated to max_length tokens -> their tokens and last hidden states."""
         tokens = self.tokenize(batch)
         hidden = self.model(
             input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]
         ).last_hidden_state
+        return tokens, hidden
+
+    def pool_outputs(self, outputs: tuple[BatchEncoding, torch.Tensor]) -> torch.Tensor:
+        """-> [N, hidden size]."""
+        tokens, hidden = outputs
         return pool(
             hidden, "first" if self.spec.pooling == "cls" else "mean", tokens["attention_mask"]
         )
@@ -233,9 +259,13 @@ class EncoderImageEncoder(AutoModelEncoder):
     def width(self) -> int:
         return self.model.config.hidden_size
 
-    def encode(self, batch: torch.Tensor) -> torch.Tensor:
-        """Preprocessed images [N, 3, size, size] -> [N, hidden size]."""
-        hidden = self.model(pixel_values=self.pixels(batch)).last_hidden_state
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        """Preprocessed images [N, 3, size, size] -> last hidden states."""
+        return self.model(pixel_values=self.pixels(batch)).last_hidden_state
+
+    def pool_outputs(self, outputs: torch.Tensor) -> torch.Tensor:
+        """-> [N, hidden size]."""
+        hidden = outputs
         if hidden.ndim != 3:
             raise UserError(
                 f"{self.spec.where}: the encoder-image loader needs token outputs "
@@ -266,8 +296,8 @@ class DualEncoder(AutoModelEncoder):
     def width(self) -> int:
         return self._width
 
-    def encode(self, batch: Any) -> torch.Tensor:
-        """Preprocessed images [N, 3, size, size] or texts -> [N, embedding width]."""
+    def forward(self, batch: Any) -> torch.Tensor:
+        """Preprocessed images [N, 3, size, size] or texts -> the joint-space embeddings."""
         if self.spec.modality == "image":
             output = self.model.get_image_features(pixel_values=self.pixels(batch))
         else:
@@ -275,7 +305,11 @@ class DualEncoder(AutoModelEncoder):
             output = self.model.get_text_features(
                 input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]
             )
-        return joint_embedding(output).float()
+        return joint_embedding(output)
+
+    def pool_outputs(self, outputs: torch.Tensor) -> torch.Tensor:
+        """-> [N, embedding width]."""
+        return outputs.float()
 
 
 class ViltEncoder(AutoModelEncoder):
@@ -285,8 +319,8 @@ class ViltEncoder(AutoModelEncoder):
     def width(self) -> int:
         return self.model.config.hidden_size
 
-    def encode(self, batch: tuple[torch.Tensor, Sequence[str]]) -> torch.Tensor:
-        """(preprocessed images [N, 3, size, size], N reports) -> [N, hidden size]."""
+    def forward(self, batch: tuple[torch.Tensor, Sequence[str]]) -> Any:
+        """(preprocessed images [N, 3, size, size], N reports) -> ViLT's outputs."""
         images, texts = batch
         tokens = self.tokenize(texts)
         pixel_values = self.pixels(images)
@@ -303,6 +337,10 @@ class ViltEncoder(AutoModelEncoder):
                 pixel_values=pixel_values,
                 pixel_mask=pixel_mask,
             )
+        return outputs
+
+    def pool_outputs(self, outputs: Any) -> torch.Tensor:
+        """-> [N, hidden size]."""
         if self.spec.pooling == "pooler":
             return outputs.pooler_output.float()
         return outputs.last_hidden_state[:, 0].float()

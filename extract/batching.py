@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from cache.parts import Batch
+from extract.parts import Batch
 
 
 def plan_batches(

@@ -2,17 +2,21 @@
 
 Each loads only the parts of a BLIP-2 checkpoint it runs: the attribute names are those of
 transformers' BLIP-2 classes, so `from_pretrained` on a full checkpoint fills them and
-skips the rest (the OPT language model, above all).
+skips the rest (the OPT language model, above all). In one pass, blip2-qformer and
+blip2-vit of one checkpoint load the ViT + Q-Former model once, and one forward of it
+gives both vectors (Blip2ImageEncoder.forward).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import init
-from transformers import PretrainedConfig
+from transformers import BatchEncoding, PretrainedConfig
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.modeling_utils import PreTrainedModel
 from transformers.models.blip_2.modeling_blip_2 import (
@@ -59,7 +63,10 @@ class Blip2ImageQFormer(Blip2PreTrainedModel):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Images [N, 3, H, W] -> Q-Former query outputs [N, queries, hidden]."""
-        image_embeds = self.vision_model(pixel_values=pixel_values).last_hidden_state
+        return self.query_outputs(self.vision_model(pixel_values=pixel_values).last_hidden_state)
+
+    def query_outputs(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """The ViT's last hidden states [N, tokens, width] -> the Q-Former's query outputs."""
         image_mask = torch.ones(
             image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device
         )
@@ -94,7 +101,32 @@ class Blip2ImageVit(Blip2PreTrainedModel):
         return self.vision_model(pixel_values=pixel_values)
 
 
-class Blip2QFormerEncoder(Encoder):
+@dataclass(frozen=True)
+class Blip2ImageOutputs:
+    """One forward of BLIP-2's image side: the ViT's outputs and, when the loaded model
+    has the Q-Former, its query outputs."""
+
+    vision: BaseModelOutputWithPooling
+    queries: torch.Tensor | None
+
+
+class Blip2ImageEncoder(Encoder):
+    """What both BLIP-2 image encoders share: one forward of the ViT (and the Q-Former,
+    when the loaded model has it), so that in a pass of both, the ViT runs once per batch
+    (their loaders are one family in the registry: they load one model)."""
+
+    def forward(self, batch: torch.Tensor) -> Blip2ImageOutputs:
+        """Preprocessed images [N, 3, size, size] -> the ViT's (and Q-Former's) outputs."""
+        vision = self.model.vision_model(
+            pixel_values=batch.to(self.device, dtype=self.model.vision_model.dtype)
+        )
+        queries = None
+        if isinstance(self.model, Blip2ImageQFormer):
+            queries = self.model.query_outputs(vision.last_hidden_state)
+        return Blip2ImageOutputs(vision, queries)
+
+
+class Blip2QFormerEncoder(Blip2ImageEncoder):
     """Images -> BLIP-2 Q-Former query outputs, pooled over the queries."""
 
     @staticmethod
@@ -105,13 +137,12 @@ class Blip2QFormerEncoder(Encoder):
     def width(self) -> int:
         return self.model.config.qformer_config.hidden_size
 
-    def encode(self, batch: torch.Tensor) -> torch.Tensor:
-        """Preprocessed images [N, 3, size, size] -> [N, Q-Former hidden size]."""
-        queries = self.model(batch.to(self.device, dtype=self.model.vision_model.dtype))
-        return pool(queries, self.spec.pooling)
+    def pool_outputs(self, outputs: Blip2ImageOutputs) -> torch.Tensor:
+        """-> [N, Q-Former hidden size]."""
+        return pool(outputs.queries, self.spec.pooling)
 
 
-class Blip2VitEncoder(Encoder):
+class Blip2VitEncoder(Blip2ImageEncoder):
     """Images -> BLIP-2's ViT output without the Q-Former (the paper's M3 ablation)."""
 
     @staticmethod
@@ -122,12 +153,11 @@ class Blip2VitEncoder(Encoder):
     def width(self) -> int:
         return self.model.config.vision_config.hidden_size
 
-    def encode(self, batch: torch.Tensor) -> torch.Tensor:
-        """Preprocessed images [N, 3, size, size] -> [N, ViT hidden size]."""
-        outputs = self.model(self.pixels(batch))
+    def pool_outputs(self, outputs: Blip2ImageOutputs) -> torch.Tensor:
+        """-> [N, ViT hidden size]."""
         if self.spec.pooling == "cls":
-            return outputs.pooler_output.float()
-        return pool(outputs.last_hidden_state[:, 1:], "mean")
+            return outputs.vision.pooler_output.float()
+        return pool(outputs.vision.last_hidden_state[:, 1:], "mean")
 
 
 class Blip2TextEncoder(Encoder):
@@ -151,10 +181,15 @@ class Blip2TextEncoder(Encoder):
             return self.model.config.image_text_hidden_size
         return self.model.config.qformer_config.hidden_size
 
-    def encode(self, batch: Sequence[str]) -> torch.Tensor:
-        """Texts -> [N, 256] projected features, or [N, Q-Former hidden size]."""
+    def forward(self, batch: Sequence[str]) -> tuple[BatchEncoding, Any]:
+        """Texts -> their tokens and the model's outputs."""
         tokens = self.tokenize(batch)
         outputs = self.model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+        return tokens, outputs
+
+    def pool_outputs(self, outputs: tuple[BatchEncoding, Any]) -> torch.Tensor:
+        """-> [N, 256] projected features, or [N, Q-Former hidden size]."""
+        tokens, outputs = outputs
         if self.spec.pooling == "projection":
             return outputs.text_embeds[:, 0].float()
         if self.spec.pooling == "cls":

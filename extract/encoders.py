@@ -18,11 +18,12 @@ Weights come from one of three sources:
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -166,10 +167,13 @@ def pool(hidden: torch.Tensor, pooling: str, mask: torch.Tensor | None = None) -
     raise ValueError(f"unknown pooling {pooling!r}")
 
 
-def parameters_fingerprint(model: nn.Module) -> str:
-    """sha256 over every parameter and buffer of `model`: names, dtypes, shapes and bytes."""
+def parameters_fingerprint(model: nn.Module, names: Collection[str] | None = None) -> str:
+    """sha256 over every parameter and buffer of `model` (or only those called `names`):
+    names, dtypes, shapes and bytes."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
+        if names is not None and name not in names:
+            continue
         digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
@@ -321,11 +325,8 @@ class Encoder(ABC):
     ) -> Encoder:
         """Build or load the model of `spec` from `weights` onto `device` (the tokenizer
         first: it is cheap, and a missing one fails fast)."""
-        tokenizer = _tokenizer(spec, weights) if spec.modality in ("text", "pair") else None
-        config = model_config(spec, weights)
-        model_class = cls.model_class(config)
-        model, fingerprint = cls._load_model(model_class, config, spec, weights, device, dtype)
-        return cls(spec, model, weights, fingerprint, tokenizer)
+        (encoder,) = load_sharing([(cls, spec)], weights, device, dtype)
+        return encoder
 
     @classmethod
     def _load_model(
@@ -336,15 +337,17 @@ class Encoder(ABC):
         weights: Weights,
         device: torch.device,
         dtype: torch.dtype,
-    ) -> tuple[PreTrainedModel, str]:
-        """The model in eval mode on `device`, and its weights' fingerprint."""
+        parts: Sequence[Collection[str] | None] = (None,),
+    ) -> tuple[PreTrainedModel, list[str]]:
+        """The model in eval mode on `device`, and a fingerprint of its weights for each of
+        `parts` (parameter names; None: all of them)."""
         attention = attention_implementation(model_class)
         if weights.kind == "tiny":
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(TINY_SEED)
                 model = model_class._from_config(config, attn_implementation=attention)
-            fingerprint = parameters_fingerprint(model)
-            return place(model, device, dtype).eval(), fingerprint
+            fingerprints = [parameters_fingerprint(model, names) for names in parts]
+            return place(model, device, dtype).eval(), fingerprints
         try:
             model, loading_info = model_class.from_pretrained(
                 weights.folder,
@@ -368,7 +371,7 @@ class Encoder(ABC):
                 f"{weights.folder} lacks {len(missing)} weight(s) of {spec.name}, e.g. "
                 f"{missing[0]}; is it a complete checkpoint of {spec.source}?"
             )
-        return model.eval(), folder_fingerprint(weights.folder)
+        return model.eval(), [folder_fingerprint(weights.folder)] * len(parts)
 
     @staticmethod
     @abstractmethod
@@ -381,8 +384,35 @@ class Encoder(ABC):
         """The length of one output vector with these weights."""
 
     @abstractmethod
+    def forward(self, batch: Any) -> Any:
+        """One batch of inputs -> the model's outputs that pooling reads.
+
+        The costly part, split from pooling so that one forward serves every encoder of a
+        pass that runs the same loaded model with the same forward_key (several poolings of
+        one checkpoint; BLIP-2's Q-Former and its ViT's pooled output).
+        """
+
+    @abstractmethod
+    def pool_outputs(self, outputs: Any) -> torch.Tensor:
+        """forward's outputs -> float32 [N, width] on the encoder's device."""
+
     def encode(self, batch: Any) -> torch.Tensor:
         """One batch of inputs -> float32 [N, width] on the encoder's device."""
+        return self.pool_outputs(self.forward(batch))
+
+    def forward_key(self) -> str:
+        """What forward reads besides the model: encoders that run one loaded model and have
+        equal keys get equal outputs from a forward, so one serves them all."""
+        return json.dumps(
+            {"preprocessing": self.preprocessing, "inputs": self.forward_inputs()},
+            sort_keys=True,
+            default=str,
+        )
+
+    def forward_inputs(self) -> str:
+        """How forward prepares a batch beyond the preprocessing settings (overridden by an
+        encoder whose pooling changes its tokens: prompt pooling)."""
+        return "as preprocessed"
 
     @property
     def max_length(self) -> int:
@@ -515,6 +545,67 @@ class Encoder(ABC):
                 "sha256": hashlib.sha256(serialised.encode()).hexdigest(),
             }
         return provenance
+
+
+def _parameter_names(model_class: type[PreTrainedModel], config: PretrainedConfig) -> set[str]:
+    """The names of the parameters and buffers a model of `model_class` has (built without
+    memory, on the meta device)."""
+    with torch.device("meta"):
+        return set(model_class._from_config(copy.deepcopy(config)).state_dict())
+
+
+def load_sharing(
+    members: Sequence[tuple[type[Encoder], EncoderSpec]],
+    weights: Weights,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> list[Encoder]:
+    """Encoders of one checkpoint, on one loaded model: entries whose loaders are of one
+    family (extract.registry) loading the same weights (see extract.loaders).
+
+    The model loaded is the members' model class that holds every other member's
+    parameters (BLIP-2's ViT + Q-Former holds the ViT alone); each member's fingerprint is
+    of its own parameters, as if it had been loaded alone.
+
+    Args:
+        members: (encoder class, entry) per encoder, in the order returned.
+
+    Raises:
+        UserError: as for Encoder.load.
+        ValueError: no member's model holds the others' (a registry family of loaders
+            that do not share a checkpoint).
+    """
+    first = members[0][1]
+    texts = any(spec.modality in ("text", "pair") for _, spec in members)
+    tokenizer = _tokenizer(first, weights) if texts else None
+    config = model_config(first, weights)
+    classes = [encoder_class.model_class(config) for encoder_class, _ in members]
+    lead = 0
+    names: dict[type[PreTrainedModel], set[str] | None] = {classes[0]: None}
+    if len(set(classes)) > 1:
+        names = {model_class: _parameter_names(model_class, config) for model_class in classes}
+        covering = [
+            index
+            for index, model_class in enumerate(classes)
+            if all(names[model_class] >= held for held in names.values())
+        ]
+        if not covering:
+            raise ValueError(f"no model of {[spec.name for _, spec in members]} holds the others")
+        lead = covering[0]
+    lead_class, lead_spec = members[lead]
+    model, fingerprints = lead_class._load_model(
+        classes[lead],
+        config,
+        lead_spec,
+        weights,
+        device,
+        dtype,
+        [names[model_class] for model_class in classes],
+    )
+    return [
+        encoder_class(spec, model, weights, fingerprint, tokenizer)
+        for (encoder_class, spec), fingerprint in zip(members, fingerprints, strict=True)
+    ]
 
 
 def probe_width(encoder: Encoder, batch: Any) -> int:

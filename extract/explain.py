@@ -75,10 +75,10 @@ pointing game is then near its random baseline, and explain.json says so."""
 
 EXAMPLES = """\
   python -m extract.explain --head models/M4/trial0-fold0-head.json \\
-      --manifest data/demo/manifest.csv --features features/image.h5 features/text.h5 \\
+      --manifest data/demo/manifest.csv --features features/images features/reports \\
       --protocol reports/protocol --out reports/explain
   python -m extract.explain --head models/M4 --manifest data/my/manifest.csv \\
-      --features features/*.h5 --protocol reports/protocol --out reports/explain \\
+      --features my/image.h5 my/text.h5 --protocol reports/protocol --out reports/explain \\
       --weights blip2-qformer=/models/blip2-opt-2.7b --mask-column lesion_box --device cuda
 """
 
@@ -95,7 +95,8 @@ class ExplainConfig:
     manifest: str = setting("", "manifest CSV/Parquet of the images (and their lesion masks)")
     features: tuple[str, ...] = setting(
         (),
-        "the manifest's feature files from the head's encoders (the report vectors come from here)",
+        "the manifest's feature files from the head's encoders (the report vectors come from "
+        "here), or folders of them: a folder means every *.h5 file inside it",
     )
     protocol: str = setting(
         "",

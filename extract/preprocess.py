@@ -213,34 +213,44 @@ def preprocessing_from_folder(folder: Path) -> dict[str, Any]:
     return settings
 
 
-class ImageFiles(Dataset):
-    """Decode and transform image files, one per index (in DataLoader workers when asked)."""
+class DecodedImages(Dataset):
+    """Per index an image file decoded once and transformed by each transform it needs
+    (in DataLoader workers when asked): one decoding feeds every encoder of a pass.
 
-    def __init__(self, paths: Sequence[Path], transform: ImageTransform) -> None:
+    An item is {transform index: float32 tensor [3, size, size]}, or with `texts` the
+    pair (that, its text).
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        transforms: Sequence[ImageTransform],
+        held: Mapping[Path, bytes] | None = None,
+        needs: Sequence[Sequence[int]] | None = None,
+        texts: Sequence[str] | None = None,
+    ) -> None:
+        """
+        Args:
+            paths: the image file of each index.
+            held: bytes already read, by file; a file not in it is read here.
+            needs: per index the transforms (indices into `transforms`) to apply; None: all.
+            texts: per index a text to pair with the image (pair encoders).
+        """
         self.paths = list(paths)
-        self.transform = transform
+        self.transforms = list(transforms)
+        self.held = held or {}
+        self.needs = needs
+        self.texts = None if texts is None else list(texts)
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
+    def __getitem__(self, index: int) -> Any:
+        path = self.paths[index]
+        wanted = range(len(self.transforms)) if self.needs is None else self.needs[index]
         try:
-            return self.transform(decode_image(self.paths[index]))
+            image = decode_image(path, self.held.get(path))
+            pixels = {which: self.transforms[which](image) for which in wanted}
         except (OSError, SyntaxError, ValueError, EOFError) as error:
-            raise UserError(f"cannot decode image {self.paths[index]}: {error}") from None
-
-
-class ImageTextPairs(Dataset):
-    """(image tensor, report) per index, for pair encoders; the reports are normalised text."""
-
-    def __init__(
-        self, paths: Sequence[Path], texts: Sequence[str], transform: ImageTransform
-    ) -> None:
-        self.images = ImageFiles(paths, transform)
-        self.texts = list(texts)
-
-    def __len__(self) -> int:
-        return len(self.texts)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
-        return self.images[index], self.texts[index]
+            raise UserError(f"cannot decode image {path}: {error}") from None
+        return pixels if self.texts is None else (pixels, self.texts[index])

@@ -41,6 +41,10 @@ class Loader:
     modalities: tuple[str, ...]  # the modalities an entry with this loader may declare
     poolings: dict[str, str]  # pooling name -> what it means
     summary: str  # one line for --list and the README
+    # Loaders of one family read one kind of checkpoint with one forward (see
+    # checkpoint_key): in a pass, entries of a family that load the same weights share one
+    # loaded model, and each forward of it. "": a family of its own (the loader's name).
+    family: str = ""
 
 
 LOADERS: dict[str, Loader] = {
@@ -51,6 +55,7 @@ LOADERS: dict[str, Loader] = {
             "first": "query output 0 (what Blip2QFormerModel calls its pooler output)",
         },
         "BLIP-2 ViT + Q-Former of a BLIP-2 checkpoint (the language model is not loaded)",
+        family="blip2-image",
     ),
     "blip2-vit": Loader(
         ("image",),
@@ -60,6 +65,7 @@ LOADERS: dict[str, Loader] = {
             "mean": "mean over the ViT's patch tokens (class token left out)",
         },
         "BLIP-2's ViT alone, without the Q-Former (the paper's M3 ablation)",
+        family="blip2-image",
     ),
     "blip2-text": Loader(
         ("text",),

@@ -1,8 +1,9 @@
 """Screening: which images and reports cannot be encoded, and why, in a few words.
 
-The extraction pass that reads every file asks these before encoding; an item with a
-reason is skipped and recorded with that reason instead of stopping the run. Reasons are
-fixed strings, so skipped items can be counted by reason.
+The extraction pass reads every image file once (read_image_bytes) and asks these of
+the bytes before encoding (extract.items); an item with a reason is skipped and recorded
+with that reason instead of stopping the run. Reasons are fixed strings, so skipped items
+can be counted by reason.
 """
 
 from __future__ import annotations
@@ -45,36 +46,53 @@ _IMAGE_SIGNATURES = (
 _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 
 
-def check_image(path: Path) -> tuple[str, str | None]:
-    """Read an image file once: its content key (pipeline.keys) and whether it decodes.
+def read_image_bytes(path: Path) -> tuple[bytes | None, str | None]:
+    """An image file's bytes, read once: (bytes, None), or (None, why they cannot be read)
+    with the reason "missing" (no file, a folder or a symlink to nothing), "unreadable"
+    (no permission, an I/O error) or "symlink loop"."""
+    try:
+        return Path(path).read_bytes(), None
+    except (FileNotFoundError, IsADirectoryError):
+        return None, MISSING
+    except OSError as error:
+        return None, SYMLINK_LOOP if error.errno == errno.ELOOP else UNREADABLE
 
-    Decodes the whole file with the same code extraction uses (`decode_image`), so a
-    file that passes here also decodes there.
+
+def screen_image_bytes(path: Path, data: bytes) -> str | None:
+    """None for the bytes of an image that can be encoded, else why not.
+
+    Decodes the whole file with the same code extraction uses (`decode_image`), so bytes
+    that pass here also decode there.
 
     Returns:
-        (key, None) for a usable image; ("", reason) otherwise, the reason one of
-        "missing" (no file, a folder or a symlink to nothing), "unreadable" (no permission,
-        an I/O error), "symlink loop", "zero-byte", "not an image" (a file of another
-        kind, e.g. text named .png), "truncated or undecodable" (starts like an image but
-        its data is cut short or corrupt), "too large" (over PIL.Image.MAX_IMAGE_PIXELS).
+        None, or one of "zero-byte", "not an image" (a file of another kind, e.g. text
+        named .png), "truncated or undecodable" (starts like an image but its data is cut
+        short or corrupt), "too large" (over PIL.Image.MAX_IMAGE_PIXELS).
     """
-    try:
-        data = Path(path).read_bytes()
-    except (FileNotFoundError, IsADirectoryError):
-        return "", MISSING
-    except OSError as error:
-        return "", SYMLINK_LOOP if error.errno == errno.ELOOP else UNREADABLE
     if not data:
-        return "", ZERO_BYTE
+        return ZERO_BYTE
     try:
         decode_image(path, data)
     except ImageTooLarge:
-        return "", TOO_LARGE
+        return TOO_LARGE
     except UnidentifiedImageError:
-        return "", UNDECODABLE if data.startswith(_IMAGE_SIGNATURES) else NOT_AN_IMAGE
+        return UNDECODABLE if data.startswith(_IMAGE_SIGNATURES) else NOT_AN_IMAGE
     except (OSError, SyntaxError, ValueError, EOFError):
-        return "", UNDECODABLE
-    return bytes_key(data), None
+        return UNDECODABLE
+    return None
+
+
+def check_image(path: Path) -> tuple[str, str | None]:
+    """Read an image file once: its content key (pipeline.keys) and whether it decodes.
+
+    Returns:
+        (key, None) for a usable image; ("", reason) otherwise, the reason one of those of
+        read_image_bytes and screen_image_bytes.
+    """
+    data, reason = read_image_bytes(path)
+    if data is not None:
+        reason = screen_image_bytes(path, data)
+    return ("", reason) if reason else (bytes_key(data), None)
 
 
 def shown_safely(text: str) -> str:

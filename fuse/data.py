@@ -46,14 +46,42 @@ class CachedRows:
         return set(self.table["patient_id"].to_numpy()[rows.numpy()])
 
 
+FEATURE_FILE_PATTERN = "*.h5"  # what a feature folder's files are named (extract --out)
+
+
+def expand_feature_paths(paths: Iterable[str | Path]) -> list[Path]:
+    """Feature files from files and folders: a folder stands for every `*.h5` file directly
+    inside it, in name order (`python -m extract --out FOLDER` writes one per encoder).
+
+    Raises:
+        UserError: a folder with no feature file in it.
+    """
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if not path.is_dir():
+            files.append(path)
+            continue
+        inside = sorted(item for item in path.glob(FEATURE_FILE_PATTERN) if item.is_file())
+        if not inside:
+            raise UserError(
+                f"feature folder {path} holds no {FEATURE_FILE_PATTERN} file; extract into it "
+                f"with `python -m extract --out {path} ...` or pass the feature files"
+            )
+        files.extend(inside)
+    return files
+
+
 def index_feature_files(paths: Iterable[str | Path]) -> dict[FeatureId, str]:
     """Map (encoder, modality) to the file holding it, reading provenance only.
 
+    Args:
+        paths: feature files, or folders of them (expand_feature_paths).
+
     Raises:
-        UserError: two files holding the same encoder and modality.
+        UserError: two files holding the same encoder and modality, or an empty folder.
     """
     index: dict[FeatureId, str] = {}
-    for path in paths:
+    for path in expand_feature_paths(paths):
         provenance = read_provenance(path)
         feature = (str(provenance.get("encoder")), str(provenance.get("modality")))
         if feature in index:
@@ -137,6 +165,7 @@ def load_cached_rows(
     rows; a note says how many and why.
 
     Args:
+        feature_paths: feature files, or folders of them (every `*.h5` inside).
         image_root: where images may be read to check their content; None: the
             manifest's folder.
         labels_per_exam: a patient's exams may have different labels (see load_manifest).

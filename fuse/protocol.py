@@ -60,7 +60,9 @@ class ProtocolConfig(ClinicalSettings, HeadSettings):
 
     manifest: str = setting("", "manifest CSV/Parquet the features were extracted from")
     features: tuple[str, ...] = setting(
-        (), "feature files written by `python -m extract` (each names its encoder and modality)"
+        (),
+        "feature files written by `python -m extract` (each names its encoder and modality), "
+        "or folders of them: a folder means every *.h5 file inside it",
     )
     out: str = setting("", f"folder for {PREDICTIONS_FILE}, {RUNS_FILE} and {CURVES_FILE}")
     heads: str = setting(

@@ -125,7 +125,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type, sect
     parser.add_argument(
         "--section",
         default=section,
-        help=f"which section of --params to read (default: {section})",
+        help="which section of --params to read; a dotted name such as extract.images is "
+        f"one section of a group (default: {section})",
     )
     types_by_name = _field_types(config_cls)
     for field in dataclasses.fields(config_cls):
@@ -162,17 +163,61 @@ def _show(value: Any) -> str:
 
 
 def read_params_section(params_path: str | Path, section: str) -> dict[str, Any]:
-    """Read one section of a params.yaml file; a missing file or section is a UserError."""
+    """Read one section of a params.yaml file: `fuse`, or a dotted name such as
+    `extract.images` for params["extract"]["images"] (a group of sections).
+
+    Raises:
+        UserError: a missing file, or a missing section or group: one line listing the
+            sections present (a group's as dotted names).
+    """
     path = Path(params_path)
     if not path.is_file():
         raise UserError(f"params file {path} does not exist")
     with path.open(encoding="utf-8") as handle:
         params = yaml.safe_load(handle) or {}
-    if section not in params:
+    found = _find_section(params, section)
+    if found is None:
         raise UserError(
-            f"{path} has no section '{section}'; sections present: {', '.join(sorted(params))}"
+            f"{path} has no section '{section}'; sections present: "
+            f"{', '.join(section_names(params))}"
         )
-    return dict(params[section] or {})
+    if _is_group(found):
+        inside = ", ".join(f"{section}.{name}" for name in section_names(found))
+        raise UserError(f"{path}: '{section}' is a group of sections; pass one of {inside}")
+    return dict(found or {})
+
+
+def _find_section(params: Any, section: str) -> Any:
+    """The value at `section` (an exact top-level key first, then a dotted path); None if
+    there is none or it is not a mapping (a blank section is an empty one)."""
+    if isinstance(params, Mapping) and section in params:
+        value = params[section]
+        return {} if value is None else value if isinstance(value, Mapping) else None
+    head, dot, rest = section.partition(".")
+    if not dot or not isinstance(params, Mapping) or not isinstance(params.get(head), Mapping):
+        return None
+    return _find_section(params[head], rest)
+
+
+def _is_group(value: Any) -> bool:
+    """A mapping of sections: not empty, and every value a mapping (a stage's own section
+    holds settings, never only mappings)."""
+    return (
+        isinstance(value, Mapping)
+        and bool(value)
+        and all(isinstance(item, Mapping) for item in value.values())
+    )
+
+
+def section_names(params: Mapping[str, Any]) -> list[str]:
+    """Every section of parsed params, sorted; a group's sections as dotted names."""
+    names = []
+    for name, value in params.items():
+        if _is_group(value):
+            names.extend(f"{name}.{inner}" for inner in section_names(value))
+        else:
+            names.append(str(name))
+    return sorted(names)
 
 
 def build_config(config_cls: type[Config], values: Mapping[str, Any], origin: str) -> Config:

@@ -21,3 +21,15 @@ def test_fuse_cpu_bench_smoke_prints_timings_floor_protocol_and_ratio():
     assert re.search(r"heads \d+ s, probes \d+ s\).*its peak RSS \d+\.\d+ GB$", protocol)
     assert any(line.startswith("peak RSS") for line in lines)
     assert re.search(r"ratio: \d+(\.\d+)?$", lines[-1])
+
+
+def test_dvc_repro_bench_smoke_times_the_demo_stage_and_names_the_cpu():
+    result = subprocess.run(
+        [sys.executable, "bench/dvc_repro.py", "--smoke"], cwd=REPO, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert any(re.fullmatch(r"\[ *\d+\.\d s\] Running stage 'demo':", line) for line in lines)
+    assert any(re.fullmatch(r"stage demo: \d+\.\d s", line) for line in lines)
+    assert re.search(r"^cpu: .+, \d+ threads, python ", result.stdout, re.MULTILINE)
+    assert re.fullmatch(r"total: \d+\.\d s \(dvc repro; 1 stage\(s\) ran\)", lines[-1])

@@ -68,7 +68,7 @@ BAD_INPUTS = [
     ("extract", (*_EXTRACT, "--batch-size", "-4"), "--batch-size is -4; it must be at least 1"),
     ("extract", (*_EXTRACT, "--num-workers", "-1"), "--num-workers is -1; it must be at least 0"),
     ("extract", (*_EXTRACT, "--wait-for-lock", "-1"), "--wait-for-lock is -1"),
-    ("extract", (*_EXTRACT[:-1], "{out}"), "is a folder; give the feature file to write"),
+    ("extract", (*_EXTRACT[:2], "clip-text", *_EXTRACT[2:]), "names one feature file, but 2"),
     ("extract", (*_EXTRACT[:3], "{out}", *_EXTRACT[4:]), "is a folder; give the manifest file"),
     ("extract", (*_EXTRACT[:3], "{bad_label}", *_EXTRACT[4:]), "label 'GC ' not among"),
     ("extract", (*_EXTRACT[:3], "{repeated_header}", *_EXTRACT[4:]), "appear more than once"),
@@ -90,7 +90,7 @@ BAD_INPUTS = [
     ("fuse", (*_PROTOCOL, "--split", "random"), "--split is 'random'; it must be one of"),
     ("fuse", (*_PROTOCOL, "--selection", "auc"), "--selection is 'auc'; it must be one of"),
     ("fuse", (*_PROTOCOL, "--trials", "0"), "--trials is 0; it must be at least 1"),
-    ("fuse", (*_PROTOCOL[:4], "{out}", *_PROTOCOL[5:]), "is a folder; give the .h5 files"),
+    ("fuse", (*_PROTOCOL[:4], "{no_features}", *_PROTOCOL[5:]), "holds no *.h5 file; extract"),
     ("fuse", (*_PROTOCOL[:4], "{cut_features}", *_PROTOCOL[5:]), "re-run extraction"),
     ("fuse", (*_PROTOCOL, "--models", "M4-clinical"), "take clinical variables, but none are"),
     ("fuse", (*_PROTOCOL, "--clinical-missing", "drop"), "--clinical-missing is 'drop'"),
@@ -152,6 +152,8 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     written = {"manifest": manifest, "out": folder / "out"}
     written["out"].mkdir()
     (written["out"] / "someone-else's.txt").write_text("keep me")
+    written["no_features"] = folder / "no_features"  # a feature folder without a file
+    (written["no_features"] / "text.h5.parts").mkdir(parents=True)
 
     def manifest_like(name: str, changed: pd.DataFrame) -> None:
         written[name] = manifest.with_name(f"{name}.csv")

@@ -103,7 +103,7 @@ def test_run_writes_one_vector_per_unique_content(
     assert provenance["source"] == spec.source
     assert provenance["weights"] == "tiny"
     assert provenance["manifest"]["sha256"] == file_key(small_manifest)
-    assert provenance["extract_config"]["model"] == model
+    assert provenance["extract_config"]["model"] == [model]  # as a run of it alone
     assert set(provenance["package_versions"]) >= {"torch", "transformers", "accelerate"}
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from extract.preprocess import ImageFiles, decode_image, image_transform, to_rgb
+from extract.preprocess import DecodedImages, decode_image, image_transform, to_rgb
 from pipeline.errors import UserError
 
 SIZE = 8
@@ -20,7 +20,7 @@ TRANSFORM = image_transform(
 
 
 def tensor_of(path: Path) -> torch.Tensor:
-    tensor = ImageFiles([path], TRANSFORM)[0]
+    tensor = DecodedImages([path], [TRANSFORM])[0][0]
     assert tensor.shape == (3, SIZE, SIZE) and tensor.dtype == torch.float32
     return tensor
 
@@ -117,7 +117,7 @@ def test_undecodable_and_too_large_images_stop_with_a_user_error(tmp_path, monke
     Image.new("RGB", (30, 30)).save(path)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
     with pytest.raises(UserError, match="cannot decode image .*large.png"):
-        ImageFiles([path], TRANSFORM)[0]
+        DecodedImages([path], [TRANSFORM])[0][0]
     (tmp_path / "text.png").write_text("not an image")
     with pytest.raises(UserError, match="cannot decode image .*text.png"):
-        ImageFiles([tmp_path / "text.png"], TRANSFORM)[0]
+        DecodedImages([tmp_path / "text.png"], [TRANSFORM])[0]

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
+from extract import loaders as extract_loaders
 from extract import run as extract_run
 from extract.encoders import Encoder
 from extract.loaders import load_encoder
@@ -114,13 +115,18 @@ def test_long_reports_settings_are_checked(name, pooling, preprocessing, message
 def test_the_console_names_truncated_reports_and_the_setting_that_keeps_them_whole(
     tmp_path, monkeypatch, capsys
 ):
-    real_load = extract_run.load_encoder
+    real_load = extract_loaders.load_encoders
 
-    def load_short(spec, *args):
-        short = {**spec.preprocessing, "max_length": MAX_LENGTH}
-        return real_load(dataclasses.replace(spec, preprocessing=short), *args)
+    def load_short(specs, *args):
+        short = [
+            dataclasses.replace(
+                spec, preprocessing={**spec.preprocessing, "max_length": MAX_LENGTH}
+            )
+            for spec in specs
+        ]
+        return real_load(short, *args)
 
-    monkeypatch.setattr(extract_run, "load_encoder", load_short)
+    monkeypatch.setattr(extract_run, "load_encoders", load_short)
     manifest = tmp_path / "manifest.csv"
     pd.DataFrame(
         {

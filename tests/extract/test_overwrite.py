@@ -1,5 +1,5 @@
 """A complete feature file of another encoder, modality or data is never replaced by a
-typo: only --overwrite true replaces it. An --out that is a folder is refused at once."""
+typo: only --overwrite true replaces it. An --out folder gets FOLDER/<model>.h5."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from extract.run import ExtractConfig, run
 from pipeline.errors import UserError
 
 
-def _config(model: str, manifest: Path, out: Path, **overrides) -> ExtractConfig:
+def _config(model: str | tuple[str, ...], manifest: Path, out: Path, **overrides) -> ExtractConfig:
     return ExtractConfig(
         model=model, manifest=str(manifest), out=str(out), num_workers=0, **overrides
     )
@@ -48,8 +48,11 @@ def test_a_file_of_other_data_is_kept_unless_overwrite(
     assert len(read_features(run(_config("llama3", write_manifest(small_table), out))).keys) == 3
 
 
-def test_an_out_that_is_a_folder_is_refused_before_any_work(
+def test_an_out_folder_gets_one_file_per_model_and_an_h5_file_takes_one_model(
     small_manifest: Path, tmp_path: Path
 ) -> None:
-    with pytest.raises(UserError, match=f"--out {tmp_path} is a folder; give the feature file"):
-        run(_config("llama3", small_manifest, tmp_path))
+    assert run(_config("llama3", small_manifest, tmp_path)) == tmp_path
+    assert read_features(tmp_path / "llama3.h5").provenance["encoder"] == "llama3"
+    with pytest.raises(UserError, match=r"--out .*f\.h5 names one feature file, but 2 models"):
+        run(_config(("llama3", "clip-text"), small_manifest, tmp_path / "f.h5"))
+    assert not (tmp_path / "f.h5").exists()

@@ -3,7 +3,7 @@ from dataclasses import dataclass
 import pytest
 
 from pipeline.cli import stage_main
-from pipeline.config import build_config, require_paths, setting
+from pipeline.config import build_config, read_params_section, require_paths, setting
 from pipeline.errors import UserError
 
 
@@ -70,3 +70,34 @@ def test_required_paths():
     with pytest.raises(UserError, match="--out"):
         require_paths(ExampleConfig(), "out")
     require_paths(ExampleConfig(out="x"), "out")
+
+
+def test_dotted_section_reads_a_section_of_a_group(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text(
+        "example: {epochs: 1}\ngroup:\n  first: {epochs: 5}\n  second: {}\n", encoding="utf-8"
+    )
+    assert parse(["--params", str(params), "--section", "group.first"]).epochs == 5
+    assert parse(["--params", str(params), "--section", "group.second"]).epochs == 80
+    assert read_params_section(params, "group.first") == {"epochs": 5}
+
+
+@pytest.mark.parametrize("section", ["group.third", "group.first.epochs", "nothing.first"])
+def test_missing_dotted_section_lists_the_sections_as_dotted_names(tmp_path, capsys, section):
+    params = tmp_path / "params.yaml"
+    params.write_text("example: {}\ngroup:\n  first: {epochs: 5}\n  second: {}\n", "utf-8")
+    with pytest.raises(SystemExit) as exit_info:
+        parse(["--params", str(params), "--section", section])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert error == (
+        f"error: {params} has no section '{section}'; "
+        "sections present: example, group.first, group.second\n"
+    )
+
+
+def test_a_group_is_not_a_section(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("group:\n  first: {epochs: 5}\n  second: {}\n", encoding="utf-8")
+    with pytest.raises(UserError, match="'group' is a group of sections; pass one of group.first"):
+        read_params_section(params, "group")

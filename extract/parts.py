@@ -6,6 +6,8 @@ per finished batch, named by a hash of the identity and the batch's keys: a part
 never taken for another encoder, pooling, dtype or batch. Each part is written
 atomically (pipeline.atomic), so a part that exists is complete; a run that is killed loses
 at most the batches it was encoding. Parts are removed once the output is written.
+
+The fault hook's points `plan-write` and `part-write` (pipeline.fault_hook) are here.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from cache.hdf5 import write_hdf5_atomically
+from cache.hdf5 import hdf5_bytes
 from pipeline.atomic import write_atomically
 
 PARTS_SUFFIX = ".parts"
@@ -89,8 +91,12 @@ class Parts:
             handle.create_dataset("keys", data=list(batch), dtype=_TEXT, track_times=False)
             handle.create_dataset("vectors", data=vectors, track_times=False)
 
-        write_hdf5_atomically(
-            self.path(batch), fill, hook_point="part-write", kept=", finished batches are kept"
+        content = hdf5_bytes(fill)
+        write_atomically(
+            self.path(batch),
+            lambda temporary: temporary.write_bytes(content),
+            hook_point="part-write",
+            kept=", finished batches are kept",
         )
 
     def read(self, batch: Batch) -> np.ndarray:

@@ -1,0 +1,200 @@
+"""How long does the first `dvc repro` of a fresh clone take, stage by stage?
+
+The repository's tracked files (`git ls-files`, less `.dvc/` and `dvc.lock`) are copied
+into a new temporary folder, which is what a fresh clone holds; there `dvc init --no-scm`
+and `dvc repro` run, with dvc's output streamed here and each "Running stage" line
+timestamped. A stage's seconds run from its line to the next one's (or to the end of the
+run): its command, then DVC's hashing and caching of its outputs. Prints one line per
+stage, the total, the CPU model and its thread count, and writes
+bench/results/dvc_repro.json (not in --smoke mode). The stages run with this Python and
+this dvc unless --install is given.
+
+    python bench/dvc_repro.py            # the demo as dvc.yaml and params.yaml define it
+    python bench/dvc_repro.py --install  # first time the README's install in a new venv
+    python bench/dvc_repro.py --smoke    # seconds: `dvc repro demo` on a tiny demo (tests)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.machine import cpu_name, cpu_threads  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results" / "dvc_repro.json"
+NOT_COPIED = (".dvc/", "dvc.lock")  # `dvc init` makes the first; the run writes the second
+SMOKE_DEMO = {"patients": 8, "external_patients": 2, "images_per_report": 3}
+SMOKE_TARGETS = ("demo",)
+# The README's Quickstart: CPU torch first, so that pip does not pull a CUDA build.
+INSTALL_STEPS = (
+    ("torch", ("-m", "pip", "install", "-q", "torch==2.13.0")),
+    ("vlmf", ("-m", "pip", "install", "-q", "-e", ".[extract,dev]")),
+)
+RUNNING = re.compile(r"Running stage '([^']+)'")
+
+
+def tracked_files(repo: Path) -> list[str]:
+    """The repository's tracked files that a fresh clone has, as paths relative to it."""
+    listed = subprocess.run(
+        ["git", "-C", str(repo), "ls-files", "-z"], capture_output=True, text=True, check=True
+    ).stdout.split("\0")
+    return [
+        name
+        for name in listed
+        if name and not name.startswith(NOT_COPIED) and (repo / name).is_file()
+    ]
+
+
+def copy_project(repo: Path, destination: Path) -> None:
+    """Copy the repository's tracked files (as they are on disk) into `destination`."""
+    for name in tracked_files(repo):
+        target = destination / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(repo / name, target)
+
+
+@dataclass(frozen=True)
+class StreamedRun:
+    """A command's exit code, its seconds, and each stage's start in seconds from its start."""
+
+    returncode: int
+    seconds: float
+    stage_starts: tuple[tuple[str, float], ...]
+
+    def stage_seconds(self) -> dict[str, float]:
+        """Each stage that ran: from its "Running stage" line to the next one or the end."""
+        times = [start for _, start in self.stage_starts] + [self.seconds]
+        return {name: times[i + 1] - times[i] for i, (name, _) in enumerate(self.stage_starts)}
+
+
+def run_streamed(command: Sequence[str], cwd: Path, env: dict[str, str]) -> StreamedRun:
+    """Run `command`, copying its output (stderr too) here as it comes, each "Running stage"
+    line prefixed with its time."""
+    start = time.perf_counter()
+    starts = []
+    with subprocess.Popen(
+        list(command), cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    ) as process:
+        assert process.stdout is not None
+        for raw in process.stdout:  # split at "\n" only: progress bars keep their "\r"
+            line = raw.decode("utf-8", errors="replace")
+            stage = RUNNING.search(line)
+            if stage:
+                elapsed = time.perf_counter() - start
+                starts.append((stage.group(1), elapsed))
+                line = f"[{elapsed:7.1f} s] {line}"
+            sys.stdout.write(line)
+            sys.stdout.flush()
+    return StreamedRun(process.returncode, time.perf_counter() - start, tuple(starts))
+
+
+def install(project: Path, venv: Path) -> tuple[dict[str, float], dict[str, str]]:
+    """Make a venv and install the project into it as the README's Quickstart does.
+
+    Returns:
+        The seconds of each step, and an environment whose `python` and `dvc` are the venv's.
+    """
+    seconds = {}
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    seconds["venv"] = time.perf_counter() - start
+    for name, arguments in INSTALL_STEPS:
+        start = time.perf_counter()
+        subprocess.run([str(venv / "bin" / "python"), *arguments], cwd=project, check=True)
+        seconds[name] = time.perf_counter() - start
+        print(f"install {name}: {seconds[name]:.1f} s", flush=True)
+    env = dict(os.environ, VIRTUAL_ENV=str(venv))
+    env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+    return seconds, env
+
+
+def _shrink_to_smoke(project: Path) -> None:
+    params_path = project / "params.yaml"
+    params = yaml.safe_load(params_path.read_text(encoding="utf-8"))
+    params["demo"] = {**(params.get("demo") or {}), **SMOKE_DEMO}
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
+
+
+def _dvc_version(env: dict[str, str]) -> str:
+    shown = subprocess.run(["dvc", "--version"], env=env, capture_output=True, text=True)
+    return shown.stdout.strip()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--smoke", action="store_true", help="`dvc repro demo` on a tiny demo; writes nothing"
+    )
+    parser.add_argument(
+        "--install",
+        action="store_true",
+        help="first time `pip install torch==2.13.0 && pip install -e .[extract,dev]` in a "
+        "new venv, then run dvc from it",
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    args = parser.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="vlmf-dvc-repro-"))
+    project = root / "vlmf"
+    try:
+        copy_project(REPO, project)
+        if args.smoke:
+            _shrink_to_smoke(project)
+        installed, env = {}, dict(os.environ)
+        if args.install:
+            installed, env = install(project, root / "venv")
+        env["PYTHONUNBUFFERED"] = "1"  # dvc's "Running stage" lines arrive when printed
+        subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=project, env=env, check=True)
+        targets = SMOKE_TARGETS if args.smoke else ()
+        run = run_streamed(["dvc", "repro", *targets], project, env)
+        dvc_version = _dvc_version(env)
+    finally:
+        if args.keep:
+            print(f"kept {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+    if run.returncode != 0:
+        raise SystemExit(f"dvc repro failed (exit code {run.returncode}); see its output above")
+    stages = run.stage_seconds()
+    before = run.stage_starts[0][1] if run.stage_starts else run.seconds
+    print()
+    for name, seconds in stages.items():
+        print(f"stage {name}: {seconds:.1f} s")
+    print(f"before the first stage: {before:.1f} s")
+    for name, seconds in installed.items():
+        print(f"install {name}: {seconds:.1f} s")
+    print(f"cpu: {cpu_name()}, {cpu_threads()} threads, python {platform.python_version()}")
+    print(f"total: {run.seconds:.1f} s (dvc repro; {len(stages)} stage(s) ran)")
+    if not args.smoke:
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        results = {
+            "cpu": cpu_name(),
+            "threads": cpu_threads(),
+            "python": platform.python_version(),
+            "dvc": dvc_version,
+            "install_seconds": installed,
+            "stage_seconds": stages,
+            "before_first_stage_seconds": before,
+            "total_seconds": run.seconds,
+        }
+        RESULTS.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {RESULTS.relative_to(REPO)}")
+
+
+if __name__ == "__main__":
+    main()
