@@ -53,6 +53,7 @@ from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.machine import cpu_name  # noqa: E402
 from cache.store import FeatureSet, write_features  # noqa: E402
 from fuse import train as fuse_train  # noqa: E402
 from fuse.losses import nt_xent  # noqa: E402
@@ -186,23 +187,6 @@ def reference_training(data, settings: HeadSettings, seed: int) -> float:
             best_state = {name: value.clone() for name, value in model.state_dict().items()}
     model.load_state_dict(best_state)
     return time.perf_counter() - start
-
-
-def cpu_name() -> str:
-    """The CPU's model name, and whether it has AMX (bf16 matmuls several times faster)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text(encoding="utf-8")
-    except OSError:
-        return platform.processor() or platform.machine()
-    name = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in info.splitlines()
-            if line.startswith("model name")
-        ),
-        platform.machine(),
-    )
-    return f"{name} ({'with' if 'amx_bf16' in info else 'without'} AMX)"
 
 
 def fuse_training(

@@ -8,12 +8,15 @@ from pathlib import Path
 
 
 def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo, else what platform knows."""
+    """The CPU model from /proc/cpuinfo and whether it has AMX (bf16 matrix products
+    several times faster than AVX512-BF16 alone), else what platform knows."""
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
+        info = cpuinfo.read_text()
+        for line in info.splitlines():
             if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+                amx = "with" if "amx_bf16" in info else "without"
+                return f"{line.split(':', 1)[1].strip()} ({amx} AMX)"
     return platform.processor() or platform.machine()
 
 
