@@ -5,11 +5,9 @@ On a synthetic cache of the paper's shape (5,799 pairs, 404 reports, 1024-d imag
 
 1. the reference loop: a per-pair Dataset and DataLoader, nn.Linear layers, default AdamW,
    float32 (the same model, loss, schedule, batch size and validation each epoch);
-2. `fuse`'s training (fuse.train.train_head): tensors in memory, a bfloat16 network with
-   float32 master weights updated by one compiled AdamW pass per tensor (fuse.optim);
-   beside it the way it trained before (float32 weights under bf16 autocast, PyTorch's
-   fused AdamW: a cast of every weight and gradient each step) and float32, with each
-   one's kept-epoch validation AUC, and a second seed's for the trial-to-trial noise;
+2. `fuse`'s training (fuse.train.train_head): tensors in memory, fused AdamW, bf16
+   autocast; beside it float32, with each one's kept-epoch validation AUC, and a second
+   seed's for the trial-to-trial noise;
 3. this machine's floor for that training: model FLOPs over a bf16 matmul rate, plus the
    optimizer's bytes over the memory bandwidth, both measured here;
 4. the whole protocol (`python -m fuse protocol`, M1-M4 and the baselines at their real
@@ -55,10 +53,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.machine import cpu_name  # noqa: E402
 from cache.store import FeatureSet, write_features  # noqa: E402
-from fuse import train as fuse_train  # noqa: E402
 from fuse.losses import nt_xent  # noqa: E402
 from fuse.model import FusionHead  # noqa: E402
-from fuse.optim import master_weights_available  # noqa: E402
 from fuse.train import HeadSettings, train_head, warmup_cosine  # noqa: E402
 from pipeline.keys import pair_key, text_key  # noqa: E402
 
@@ -189,16 +185,9 @@ def reference_training(data, settings: HeadSettings, seed: int) -> float:
     return time.perf_counter() - start
 
 
-def fuse_training(
-    data, settings: HeadSettings, seed: int, master_weights: bool = True
-) -> tuple[float, float]:
-    """fuse's own training of the same head; returns seconds and the kept epoch's val AUC.
-    master_weights=False trains the way fuse did before fuse.optim (bf16 autocast on
-    float32 weights), for the comparison."""
+def fuse_training(data, settings: HeadSettings, seed: int) -> tuple[float, float]:
+    """fuse's own training of the same head; returns seconds and the kept epoch's val AUC."""
     image, text, labels, groups, train, val = data
-    fuse_train.master_weights_available = (
-        master_weights_available if master_weights else lambda: False
-    )
     torch.manual_seed(seed)
     model = FusionHead(
         input_widths={"image0": image.shape[1], "text1": text.shape[1]},
@@ -211,7 +200,6 @@ def fuse_training(
     start = time.perf_counter()
     trained = train_head(model, [image, text], labels, groups, train, val, settings, seed)
     seconds = time.perf_counter() - start
-    fuse_train.master_weights_available = master_weights_available
     return seconds, trained.history[trained.best_epoch - 1]["val_auc"]
 
 
@@ -414,28 +402,19 @@ def main() -> None:
     )
     data = synthetic_rows(shape)
     scale = 80 / epochs
-    start = time.perf_counter()
-    compiled = master_weights_available()  # once per process, before anything is timed
-    print(
-        f"compiled optimizer: {'yes' if compiled else 'no (autocast path)'}, "
-        f"{time.perf_counter() - start:.1f} s once per process (not in the timings below)"
-    )
 
     reference = reference_training(data, settings, 0) * scale
     print(f"reference loop (per-pair DataLoader, AdamW, fp32): {reference:.1f} s / 80 epochs")
     seconds, auc_bf16 = fuse_training(data, settings, 0)
     ours = seconds * scale
-    print(f"fuse (in memory, bf16 with float32 master weights): {ours:.1f} s / 80 epochs")
-    seconds, auc_autocast = fuse_training(data, settings, 0, master_weights=False)
-    ours_autocast = seconds * scale
-    print(f"fuse before (bf16 autocast, fused AdamW):            {ours_autocast:.1f} s / 80 epochs")
+    print(f"fuse (in memory, fused AdamW, bf16):                {ours:.1f} s / 80 epochs")
     seconds, auc_fp32 = fuse_training(data, dataclasses.replace(settings, precision="fp32"), 0)
     ours_fp32 = seconds * scale
     print(f"fuse with precision fp32 (for comparison):          {ours_fp32:.1f} s / 80 epochs")
     _, auc_seed1 = fuse_training(data, settings, 1)
     print(
-        f"kept epoch's validation AUC, seed 0: bf16 {auc_bf16:.4f}, bf16 autocast "
-        f"{auc_autocast:.4f}, fp32 {auc_fp32:.4f}; bf16 seed 1 (trial noise) {auc_seed1:.4f}"
+        f"kept epoch's validation AUC, seed 0: bf16 {auc_bf16:.4f}, fp32 {auc_fp32:.4f}; "
+        f"bf16 seed 1 (trial noise) {auc_seed1:.4f}"
     )
     floor = floor_seconds(shape, dataclasses.replace(settings, epochs=80), len(data[4]))
     print(
@@ -457,11 +436,9 @@ def main() -> None:
         "epochs_timed": epochs,
         "reference_seconds_80": reference,
         "fuse_seconds_80": ours,
-        "fuse_autocast_seconds_80": ours_autocast,
         "fuse_fp32_seconds_80": ours_fp32,
         "kept_val_auc": {
             "bf16": auc_bf16,
-            "bf16_autocast": auc_autocast,
             "fp32": auc_fp32,
             "bf16_seed1": auc_seed1,
         },

@@ -2,11 +2,8 @@
 
 Everything a step touches is already a tensor in memory: a batch is an index into
 row-aligned matrices, so there is no per-sample Python, no DataLoader and no copy of the
-data set per epoch. Matrix products run in bfloat16 with float32 master weights,
-optimizer state and losses: a large head's network holds bfloat16 weights updated by one
-compiled AdamW pass per tensor (fuse.optim); a small one's, or one where that cannot be
-compiled, float32 weights under autocast with PyTorch's fused AdamW. `precision: fp32`
-runs everything in float32 with the fused AdamW.
+data set per epoch. AdamW runs fused; matrix products run in bfloat16 under autocast with
+float32 master weights, optimizer state and losses (`precision: fp32` turns that off).
 """
 
 from __future__ import annotations
@@ -24,7 +21,6 @@ from torch.nn import functional as F
 
 from fuse.losses import nt_xent
 from fuse.model import FusionHead
-from fuse.optim import MasterWeightAdamW, master_weights_available
 from pipeline.config import check_declared, setting
 from pipeline.errors import UserError
 from pipeline.metrics import roc_auc
@@ -33,10 +29,6 @@ _MALLOPT_TRIM_THRESHOLD, _MALLOPT_MMAP_THRESHOLD = -1, -3  # glibc's mallopt par
 SELECTION_CRITERIA = ("val_loss", "val_auc")
 PRECISIONS = ("bf16", "fp32")
 _PREDICT_CHUNK_ROWS = 4096
-# Below this, a step's casts cost about what the compiled update's per-tensor calls do, and
-# compiling it (about 6 s per process) would not pay (bench/fuse_cpu.py: 10.9M parameters
-# at the paper's shape save about a fifth of a step; the demo's 2.2M, nothing measurable).
-MASTER_WEIGHTS_MIN_PARAMETERS = 4_000_000
 
 
 @dataclass(frozen=True)
@@ -360,29 +352,12 @@ def train_head(
     dropout_generator = torch.Generator().manual_seed(seed + 1)
     variants = input_variants(len(inputs), settings)
     num_classes = model.classifier[-1].out_features
-    master_weights = (
-        settings.precision == "bf16"
-        and sum(parameter.numel() for parameter in model.parameters())
-        >= MASTER_WEIGHTS_MIN_PARAMETERS
-        and master_weights_available()
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=settings.learning_rate,
+        weight_decay=settings.weight_decay,
+        fused=True,
     )
-    if master_weights:  # the network computes in bfloat16; its float32 weights are here
-        optimizer = MasterWeightAdamW(
-            model, lr=settings.learning_rate, weight_decay=settings.weight_decay
-        )
-    else:
-        optimizer = torch.optim.AdamW(
-            model.parameters(),
-            lr=settings.learning_rate,
-            weight_decay=settings.weight_decay,
-            fused=True,
-        )
-
-    def float32_state() -> dict[str, torch.Tensor]:
-        if master_weights:
-            return optimizer.master_state_dict()
-        return {name: value.clone() for name, value in model.state_dict().items()}
-
     steps_per_epoch = math.ceil(len(train_rows) / settings.batch_size)
     total_steps = steps_per_epoch * settings.epochs
     warmup_steps = max(1, steps_per_epoch * settings.warmup_epochs)
@@ -392,7 +367,7 @@ def train_head(
     history: list[dict[str, float]] = []
     best: dict[str, float] | None = None
     first_eligible: int | None = None
-    best_state: dict[str, torch.Tensor] = {}
+    best_state = {name: value.clone() for name, value in model.state_dict().items()}
     for epoch in range(1, settings.epochs + 1):
         model.train()
         epoch_loss = torch.zeros(())
@@ -435,12 +410,10 @@ def train_head(
             first_eligible = epoch
         if eligible and _improves(record, best, settings.selection):
             best = record
-            best_state = float32_state()
+            best_state = {name: value.clone() for name, value in model.state_dict().items()}
         elif best is not None and settings.patience and epoch - best["epoch"] >= settings.patience:
             break
-    model.float()
     if best is None:
-        model.load_state_dict(float32_state())
         return TrainedHead(
             model=model,
             best_epoch=len(history),
