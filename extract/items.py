@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from extract.screening import read_image_bytes, screen_image_bytes, screen_report, shown_safely
@@ -34,6 +35,7 @@ REPORT_NAME_CHARS = 40  # of a report, in messages and in the skipped items' nam
 # Image bytes a process keeps from its one read for the encoding (the demo's 5,900 images
 # are 360 MB); the images past it are read again when encoded rather than fill the memory.
 HELD_IMAGE_BYTES = 2 << 30
+INLINE_READS = 256  # image files so few that starting reading workers would cost more
 
 
 @dataclass(frozen=True)
@@ -62,33 +64,56 @@ def paths_to_read(paths: Sequence[str], batch_size: int, rank: int, processes: i
     return [path for index, path in enumerate(paths) if (index // batch_size) % processes == rank]
 
 
+class _ImageFileReads(Dataset):
+    """Per index one image file read once, keyed and screened (in DataLoader workers when
+    asked): (bytes or None, key, reason)."""
+
+    def __init__(self, locations: Sequence[Path]) -> None:
+        self.locations = list(locations)
+
+    def __len__(self) -> int:
+        return len(self.locations)
+
+    def __getitem__(self, index: int) -> tuple[bytes | None, str, str | None]:
+        location = self.locations[index]
+        data, reason = read_image_bytes(location)
+        if data is None:
+            return None, "", reason
+        return data, bytes_key(data) if data else "", screen_image_bytes(location, data)
+
+
 def read_images(
     paths: Sequence[str],
     manifest_path: str | Path,
     image_root: str | Path | None = None,
     show_progress: bool = False,
+    num_workers: int = 0,
 ) -> ImageReads:
     """Read each image file once: key it, screen it, and keep its bytes for the encoding.
 
     Args:
         paths: manifest image paths (relative to the manifest's folder).
         image_root: the folder images may lie in; None: the manifest's folder.
+        num_workers: processes reading and decoding (0, or at most INLINE_READS files:
+            this one); screening decodes every image, the costliest step before encoding.
     """
+    locations = [image_file(manifest_path, path, image_root) for path in paths]
+    workers = num_workers if len(paths) > INLINE_READS else 0
+    files = DataLoader(_ImageFileReads(locations), batch_size=None, num_workers=workers)
     reads = ImageReads()
     held_bytes = 0
-    for path in tqdm(paths, desc="reading images", unit="image", disable=not show_progress):
-        location = image_file(manifest_path, path, image_root)
-        data, reason = read_image_bytes(location)
-        if data is None:
-            reads.checks[path] = ImageCheck("", reason, os.path.normpath(location))
-            continue
-        key = bytes_key(data) if data else ""
-        reason = screen_image_bytes(location, data)
-        identity = key or os.path.normpath(location)  # empty files are not one image
-        reads.checks[path] = ImageCheck("" if reason else key, reason, identity)
-        if not reason and held_bytes + len(data) <= HELD_IMAGE_BYTES:
-            reads.held[location] = data
-            held_bytes += len(data)
+    progress = tqdm(
+        total=len(paths), desc="reading images", unit="image", disable=not show_progress
+    )
+    with progress:
+        for path, location, (data, key, reason) in zip(paths, locations, files, strict=True):
+            # a file without bytes is no image: told apart by path, as load_manifest does
+            identity = key or os.path.normpath(location)
+            reads.checks[path] = ImageCheck("" if reason else key, reason, identity)
+            if not reason and held_bytes + len(data) <= HELD_IMAGE_BYTES:
+                reads.held[location] = data
+                held_bytes += len(data)
+            progress.update()
     return reads
 
 

@@ -321,7 +321,11 @@ def _read_items(
     paths = list(table["image_path"].unique()) if modality != "text" else []
     share = paths_to_read(paths, config.batch_size, state.process_index, state.num_processes)
     reads = read_images(
-        share, config.manifest, image_root, show_progress=state.is_main_process and bool(paths)
+        share,
+        config.manifest,
+        image_root,
+        show_progress=state.is_main_process and bool(paths),
+        num_workers=config.num_workers,
     )
     checks = {
         path: check

@@ -22,6 +22,7 @@ from transformers.models.blip_2 import modeling_blip_2
 from transformers.models.llama import modeling_llama
 
 from cache.store import FeatureSet, read_features
+from extract import items
 from extract.__main__ import main
 from extract.provenance import NOT_IDENTITY
 from extract.registry import built_in_entry
@@ -251,3 +252,15 @@ def test_two_processes_share_a_pass_and_write_every_output(manifest: Path, tmp_p
         features = read_features(out / f"{model}.h5")
         assert features.provenance["run"]["encoded_per_process"] == [2, 2]
         _assert_same_output(features, read_features(one / f"{model}.h5"))
+
+
+def test_reading_workers_give_the_reads_of_one_process(
+    small_table: pd.DataFrame, small_manifest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    paths = list(small_table["image_path"].unique())
+    inline = items.read_images(paths, small_manifest)
+    monkeypatch.setattr(items, "INLINE_READS", 0)  # so few files would be read inline
+    in_workers = items.read_images(paths, small_manifest, num_workers=2)
+    assert in_workers.checks == inline.checks
+    assert in_workers.held == inline.held
+    assert len(inline.held) == 5 and all(inline.checks[path].key for path in paths)
