@@ -31,7 +31,7 @@ from pipeline.errors import UserError
 from pipeline.fault_hook import ENVIRONMENT_VARIABLE
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-IMAGE_PASS = ("blip2-qformer", "blip2-vit", "clip-image", "chinese-clip-image")
+IMAGE_PASS = ("blip2-qformer", "blip2-vit", "clip-image", "align-image", "chinese-clip-image")
 TEXT_PASS = ("llama3", "llama3-last", "clip-text")  # llama3-last: llama3 pooled "last"
 PAIR_PASS = ("vilt", "vilt-cls")
 BATCH_SIZE = 2  # the small manifest's 4 images: 2 batches
