@@ -140,7 +140,6 @@ def _read_items(
         config.manifest,
         image_root,
         show_progress=state.is_main_process and bool(paths),
-        num_workers=config.num_workers,
     )
     checks = {
         path: check
