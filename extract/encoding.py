@@ -87,7 +87,7 @@ def _loaded_batches(
     encoders: Sequence[Encoder],
     batches: Sequence[PassBatch],
     items: UniqueItems,
-    held: Mapping[Path, bytes],
+    held: Mapping[Path, Any],
     num_workers: int,
 ) -> Iterable[Any]:
     """Each batch's inputs: texts as they are; images decoded in DataLoader workers, each
@@ -141,7 +141,7 @@ def encode_pass(
     parts: Sequence[Parts],
     batches: Sequence[PassBatch],
     items: UniqueItems,
-    held: Mapping[Path, bytes],
+    held: Mapping[Path, Any],
     num_workers: int,
     show_progress: bool,
 ) -> list[dict[str, Any]]:
@@ -152,7 +152,7 @@ def encode_pass(
     Args:
         encoders, identities, parts: per output of the pass, its encoder, this process's
             encoder identity and its parts folder (named by the main process's identity).
-        held: image bytes read at screening, by file.
+        held: images decoded (or bytes read) at screening, by file (extract.items).
 
     Raises:
         UserError: this process's encoder identity is not the main process's (the parts

@@ -2,10 +2,11 @@
 manifest, keyed by content, with those that cannot be encoded left out and named.
 
 Each image file is read once per pass: its content key (the sha256 of those bytes, as
-pipeline.keys.file_key), its screening (extract.screening) and, later, the pixels every
-encoder of the pass sees are all made from the bytes of that one read, which are held
-for the encoding (up to HELD_IMAGE_BYTES per process; an image past that budget, or one
-another process read, is read again when it is encoded).
+pipeline.keys.file_key), its screening (extract.screening, which decodes it) and, later,
+the pixels every encoder of the pass sees all come from that one read. What it gave is
+held for the encoding, up to HELD_IMAGE_BYTES per process: the decoded image (so that it
+is decoded once, too), or once decoded images fill the budget the file's bytes; an image
+past the budget, or one another process read, is read again when it is encoded.
 """
 
 from __future__ import annotations
@@ -14,14 +15,16 @@ import os
 import sys
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from PIL import Image
 from tqdm import tqdm
 
-from extract.screening import read_image_bytes, screen_image_bytes, screen_report, shown_safely
+from extract.screening import decode_screened, read_image_bytes, screen_report, shown_safely
 from pipeline.errors import UserError
 from pipeline.keys import bytes_key, normalise_text, pair_key, text_key
 
@@ -31,9 +34,11 @@ from pipeline.keys import bytes_key, normalise_text, pair_key, text_key
 from pipeline.manifest import _conflict, _fail, image_file  # noqa: PLC2701
 
 REPORT_NAME_CHARS = 40  # of a report, in messages and in the skipped items' names
-# Image bytes a process keeps from its one read for the encoding (the demo's 5,900 images
-# are 360 MB); the images past it are read again when encoded rather than fill the memory.
+# What a process keeps from its one read of the images for the encoding: decoded images
+# (the demo's 5,900 at 288 x 288 RGB: 1.5 GB), then compressed files (the demo's: 360 MB).
+# The images past it are read again when encoded rather than fill the memory.
 HELD_IMAGE_BYTES = 2 << 30
+INLINE_READS = 256  # image files so few that reading threads would not pay
 
 
 @dataclass(frozen=True)
@@ -52,7 +57,8 @@ class ImageReads:
     """One process's reads: every path's check and, up to the budget, the bytes read."""
 
     checks: dict[str, ImageCheck] = field(default_factory=dict)  # manifest image path ->
-    held: dict[Path, bytes] = field(default_factory=dict)  # image file -> its bytes
+    # image file -> its decoded image or, past the budget for those, its bytes
+    held: dict[Path, Image.Image | bytes] = field(default_factory=dict)
 
 
 def paths_to_read(paths: Sequence[str], batch_size: int, rank: int, processes: int) -> list[str]:
@@ -62,33 +68,56 @@ def paths_to_read(paths: Sequence[str], batch_size: int, rank: int, processes: i
     return [path for index, path in enumerate(paths) if (index // batch_size) % processes == rank]
 
 
+def _read_one(location: Path) -> tuple[bytes | None, str, str | None, Image.Image | None]:
+    """One image file read once, keyed and screened: (bytes or None, key, reason, the
+    decoded image or None)."""
+    data, reason = read_image_bytes(location)
+    if data is None:
+        return None, "", reason, None
+    image, reason = decode_screened(location, data)
+    return data, bytes_key(data) if data else "", reason, image
+
+
 def read_images(
     paths: Sequence[str],
     manifest_path: str | Path,
     image_root: str | Path | None = None,
     show_progress: bool = False,
+    threads: int | None = None,
 ) -> ImageReads:
-    """Read each image file once: key it, screen it, and keep its bytes for the encoding.
+    """Read each image file once: key it, screen it, and keep what it gave for the encoding.
 
     Args:
         paths: manifest image paths (relative to the manifest's folder).
         image_root: the folder images may lie in; None: the manifest's folder.
+        threads: threads reading and decoding (reading, hashing and PIL's decoders release
+            the GIL, and a thread hands over a decoded image without copying it); None: one
+            per CPU core this process may use, as nothing else runs yet; at most
+            INLINE_READS files are read in this thread.
     """
+    locations = [image_file(manifest_path, path, image_root) for path in paths]
+    if threads is None:
+        threads = len(os.sched_getaffinity(0)) if len(paths) > INLINE_READS else 1
     reads = ImageReads()
-    held_bytes = 0
-    for path in tqdm(paths, desc="reading images", unit="image", disable=not show_progress):
-        location = image_file(manifest_path, path, image_root)
-        data, reason = read_image_bytes(location)
-        if data is None:
-            reads.checks[path] = ImageCheck("", reason, os.path.normpath(location))
-            continue
-        key = bytes_key(data) if data else ""
-        reason = screen_image_bytes(location, data)
-        identity = key or os.path.normpath(location)  # empty files are not one image
-        reads.checks[path] = ImageCheck("" if reason else key, reason, identity)
-        if not reason and held_bytes + len(data) <= HELD_IMAGE_BYTES:
-            reads.held[location] = data
-            held_bytes += len(data)
+    held_bytes, decoded_full = 0, False
+    progress = tqdm(
+        total=len(paths), desc="reading images", unit="image", disable=not show_progress
+    )
+    with ThreadPoolExecutor(threads) as pool, progress:
+        reads_in_order = pool.map(_read_one, locations)
+        for path, location, read in zip(paths, locations, reads_in_order, strict=True):
+            data, key, reason, image = read
+            # a file without bytes is no image: told apart by path, as load_manifest does
+            identity = key or os.path.normpath(location)
+            reads.checks[path] = ImageCheck("" if reason else key, reason, identity)
+            if not reason:
+                decoded = image.width * image.height * len(image.getbands())
+                decoded_full = decoded_full or held_bytes + decoded > HELD_IMAGE_BYTES
+                kept = (data, len(data)) if decoded_full else (image, decoded)
+                if held_bytes + kept[1] <= HELD_IMAGE_BYTES:
+                    reads.held[location] = kept[0]
+                    held_bytes += kept[1]
+            progress.update()
     return reads
 
 

@@ -225,14 +225,15 @@ class DecodedImages(Dataset):
         self,
         paths: Sequence[Path],
         transforms: Sequence[ImageTransform],
-        held: Mapping[Path, bytes] | None = None,
+        held: Mapping[Path, Image.Image | bytes] | None = None,
         needs: Sequence[Sequence[int]] | None = None,
         texts: Sequence[str] | None = None,
     ) -> None:
         """
         Args:
             paths: the image file of each index.
-            held: bytes already read, by file; a file not in it is read here.
+            held: images already decoded, or bytes already read, by file; a file not in it
+                is read here.
             needs: per index the transforms (indices into `transforms`) to apply; None: all.
             texts: per index a text to pair with the image (pair encoders).
         """
@@ -249,7 +250,8 @@ class DecodedImages(Dataset):
         path = self.paths[index]
         wanted = range(len(self.transforms)) if self.needs is None else self.needs[index]
         try:
-            image = decode_image(path, self.held.get(path))
+            held = self.held.get(path)
+            image = held if isinstance(held, Image.Image) else decode_image(path, held)
             pixels = {which: self.transforms[which](image) for which in wanted}
         except (OSError, SyntaxError, ValueError, EOFError) as error:
             raise UserError(f"cannot decode image {path}: {error}") from None

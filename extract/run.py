@@ -14,7 +14,6 @@ between processes except through those files.
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from collections.abc import Sequence
 from contextlib import ExitStack
@@ -25,8 +24,10 @@ from typing import Any
 import pandas as pd
 from accelerate import PartialState
 
+from cache.store import FeatureSet
+from extract.config import ExtractConfig
 from extract.encoders import Encoder, torch_dtype
-from extract.encoding import encode_pass, forward_groups, pass_batches
+from extract.encoding import PassBatch, encode_pass, forward_groups, pass_batches
 from extract.items import (
     ImageReads,
     UniqueItems,
@@ -39,10 +40,11 @@ from extract.items import (
     unique_items,
 )
 from extract.loaders import load_encoders
+from extract.outputs import Output, resolve_outputs
 from extract.parts import Parts
 from extract.processes import device_of, on_every_process, on_main_process, process_state
 from extract.provenance import encoder_identity, output_provenance
-from extract.registry import LOADERS, EncoderSpec, Registry, load_registry
+from extract.registry import Registry, load_registry
 from extract.resume import (
     OutputPlan,
     consolidate,
@@ -51,200 +53,13 @@ from extract.resume import (
     refuse_to_replace,
     reusable,
 )
-from pipeline.config import check_declared, config_to_dict, require_paths, setting
+from pipeline.config import check_declared, config_to_dict, require_paths
 from pipeline.errors import UserError
 from pipeline.keys import file_key
 from pipeline.lock import output_lock
 from pipeline.manifest import load_manifest
 
 LONG_REPORT_COUNTS = ("truncated_reports", "windowed_reports")  # of Encoder.run_record
-FEATURE_SUFFIX = ".h5"  # --out naming one feature file; anything else names a folder
-
-
-@dataclass(frozen=True)
-class ExtractConfig:
-    """What to encode, with which encoders and weights, and where to write the vectors."""
-
-    model: tuple[str, ...] = setting(
-        (),
-        "registered encoder(s): built-in ones (listed above; one JSON file each in "
-        "extract/model_configs/) or --registry's. Several, all of one modality (image, text "
-        "or pair), are one pass: each image is read and decoded once for all of them, a "
-        "checkpoint they share is loaded once and run once per batch, and each writes its "
-        "own file, as a run of it alone would",
-    )
-    registry: str = setting(
-        "",
-        "YAML (or JSON) file of your own encoders, added to the built-in ones: each "
-        "top-level name maps to source (a local Hugging Face folder or hub id), modality "
-        "and pooling (see README); python -m extract --list --registry FILE shows them",
-    )
-    weights: tuple[str, ...] = setting(
-        ("tiny",),
-        "one value for every --model, or one per model: 'tiny': seeded random weights of a "
-        "small config of the same architecture (offline; for tests and demos); 'hub': the "
-        "real weights from the local Hugging Face cache (never downloads); or a FOLDER "
-        "holding a downloaded checkpoint",
-    )
-    manifest: str = setting("", "manifest CSV/Parquet; image paths are relative to its folder")
-    out: str = setting(
-        "",
-        "FILE.h5 (one --model) or a FOLDER, which gets FOLDER/<model>.h5 per model; finished "
-        "batches go to FILE.h5.parts/ at once, so the same command resumes a killed run; a "
-        "file is written as FILE.h5.partial and renamed when complete; FILE.h5.lock keeps a "
-        "second run out of each file",
-    )
-    classes: tuple[str, ...] = setting(("VCD", "GC"), "labels the manifest may use, negative first")
-    pooling: tuple[str, ...] = setting(
-        ("auto",),
-        "how tokens become one vector, part of the features' identity; one value for every "
-        "--model, or one per model: auto (the encoder's registered pooling) or one its loader "
-        "offers: "
-        + "; ".join(f"{name} {'|'.join(loader.poolings)}" for name, loader in LOADERS.items()),
-    )
-    batch_size: int = setting(32, "images or reports per forward pass, per process", at_least=1)
-    device: str = setting(
-        "auto", "auto (this process's GPU if there is one, else cpu), cpu, cuda or cuda:N"
-    )
-    dtype: str = setting(
-        "float32",
-        "model precision: float32, bfloat16 (a GPU, or a CPU with bf16 units) or float16 "
-        "(a GPU only); vectors are saved as float32 either way",
-    )
-    num_workers: int = setting(
-        2,
-        "processes decoding images while the encoders run (0: decode inline, which can be "
-        "as fast on a machine with 2 cores)",
-        at_least=0,
-    )
-    wait_for_lock: float = setting(
-        0,
-        "seconds to wait, per output, while another run writes it (0: refuse at once, exit "
-        "code 2, naming the other run)",
-        at_least=0,
-    )
-    overwrite: bool = setting(
-        False,
-        "true: replace a complete output holding vectors of another encoder or modality, or "
-        "of other data (no item in common); false: refuse, so a typo costs no finished work",
-    )
-    image_root: str = setting(
-        "",
-        "folder every image must lie in (paths stay relative to the manifest's folder); "
-        "empty: the manifest's folder, so paths like ../x.png are refused",
-    )
-    labels_per_exam: bool = setting(
-        False,
-        "true: a patient's exams (exam_id) may have different labels; false: one label per patient",
-    )
-    strict: bool = setting(
-        False,
-        "true: refuse (exit code 2) a manifest with any bad item (a missing, empty or "
-        "damaged image file; an empty report or one with control characters) before any "
-        "encoder loads; false: skip them, record them in the file and print a summary",
-    )
-
-
-@dataclass(frozen=True)
-class Output:
-    """One encoder of a pass and the feature file it writes."""
-
-    spec: EncoderSpec  # with the pooling this run asks for
-    weights: str  # its --weights value
-    path: Path
-    config: ExtractConfig  # its settings, as a run of it alone would have them
-
-
-def _values(value: str | Sequence[str]) -> tuple[str, ...]:
-    """A setting given as one string (Python callers, old recorded configs) or several."""
-    return (value,) if isinstance(value, str) else tuple(value)
-
-
-def _per_model(flag: str, values: tuple[str, ...], models: tuple[str, ...]) -> tuple[str, ...]:
-    if len(values) == 1:
-        return values * len(models)
-    if len(values) != len(models):
-        raise UserError(
-            f"{flag} {' '.join(values)}: give one value for every --model or one per model "
-            f"({len(models)}: {' '.join(models)})"
-        )
-    return values
-
-
-def _resolve_spec(name: str, pooling: str, registry: Registry) -> EncoderSpec:
-    spec = registry.get(name)
-    if pooling == "auto":
-        return spec
-    poolings = LOADERS[spec.loader].poolings
-    if pooling not in poolings:
-        raise UserError(
-            f"--pooling {pooling}: {spec.name} is a {spec.loader} encoder of "
-            f"{spec.modality}s, whose poolings are auto, {', '.join(poolings)}"
-        )
-    return dataclasses.replace(spec, pooling=pooling)
-
-
-def _output_paths(out: Path, models: tuple[str, ...]) -> list[Path]:
-    """Where each model's file goes: --out itself for one model and a FILE.h5, else
-    FOLDER/<model>.h5."""
-    if out.suffix == FEATURE_SUFFIX and not out.is_dir():
-        if len(models) > 1:
-            raise UserError(
-                f"--out {out} names one feature file, but {len(models)} models write one "
-                f"each: give a folder, e.g. --out {out.with_suffix('')} (it gets "
-                f"<model>{FEATURE_SUFFIX} per model)"
-            )
-        return [out]
-    if out.exists() and not out.is_dir():
-        raise UserError(
-            f"--out {out} is a file but not a {FEATURE_SUFFIX} feature file; give FILE"
-            f"{FEATURE_SUFFIX} or a folder"
-        )
-    return [out / f"{model}{FEATURE_SUFFIX}" for model in models]
-
-
-def resolve_outputs(config: ExtractConfig, registry: Registry) -> list[Output]:
-    """The pass's outputs: per --model its entry, pooling, weights and file.
-
-    Raises:
-        UserError: an unknown or broken entry, a model named twice, a pooling its loader
-            does not offer, per-model values that do not match the models, encoders of
-            several modalities, or several models with --out FILE.h5.
-    """
-    models = _values(config.model)
-    twice = sorted({name for name in models if models.count(name) > 1})
-    if twice:
-        raise UserError(
-            f"--model names {', '.join(twice)} more than once; each model writes one file"
-        )
-    poolings = _per_model("--pooling", _values(config.pooling), models)
-    weights = _per_model("--weights", _values(config.weights), models)
-    specs = [
-        _resolve_spec(name, pooling, registry)
-        for name, pooling in zip(models, poolings, strict=True)
-    ]
-    modalities = dict.fromkeys(spec.modality for spec in specs)
-    if len(modalities) > 1:
-        mix = ", ".join(f"{spec.name} ({spec.modality})" for spec in specs)
-        raise UserError(
-            f"--model {' '.join(models)} mixes modalities ({mix}): the encoders of one pass "
-            f"share one modality; run a separate pass per modality "
-            f"({', '.join(modalities)})"
-        )
-    paths = _output_paths(Path(config.out), models)
-    return [
-        Output(
-            spec,
-            weight,
-            path,
-            dataclasses.replace(
-                config, model=(name,), pooling=(pooling,), weights=(weight,), out=str(path)
-            ),
-        )
-        for spec, name, pooling, weight, path in zip(
-            specs, models, poolings, weights, paths, strict=True
-        )
-    ]
 
 
 def _warn_about_broken_entries(registry: Registry, models: Sequence[str]) -> None:
@@ -321,7 +136,10 @@ def _read_items(
     paths = list(table["image_path"].unique()) if modality != "text" else []
     share = paths_to_read(paths, config.batch_size, state.process_index, state.num_processes)
     reads = read_images(
-        share, config.manifest, image_root, show_progress=state.is_main_process and bool(paths)
+        share,
+        config.manifest,
+        image_root,
+        show_progress=state.is_main_process and bool(paths),
     )
     checks = {
         path: check
@@ -388,6 +206,48 @@ def _run_record(
     return record
 
 
+@dataclass(frozen=True)
+class _Running:
+    """One output of the pass on this process: its encoder and what identifies its vectors."""
+
+    output: Output
+    encoder: Encoder
+    provenance: dict[str, Any]
+    identity: str  # this process's encoder identity
+    existing: FeatureSet | None  # the output already on disk, read once (main process)
+
+
+def _load(
+    config: ExtractConfig,
+    outputs: Sequence[Output],
+    existing: dict[Path, FeatureSet | None],
+    state: PartialState,
+) -> list[_Running]:
+    """Load every checkpoint of the pass once and describe each output's vectors."""
+    device = device_of(config.device, state)
+    encoders = load_encoders(
+        [output.spec for output in outputs],
+        [output.weights for output in outputs],
+        device,
+        torch_dtype(config.dtype, device),
+    )
+    manifest_sha256 = file_key(config.manifest)
+    running = []
+    for output, encoder in zip(outputs, encoders, strict=True):
+        provenance = output_provenance(
+            encoder,
+            output.weights,
+            config.dtype,
+            config_to_dict(output.config),
+            config.manifest,
+            manifest_sha256,
+        )
+        identity = encoder_identity(provenance)
+        held = existing.get(output.path)
+        running.append(_Running(output, encoder, provenance, identity, held))
+    return running
+
+
 def _locked_run(
     config: ExtractConfig,
     outputs: list[Output],
@@ -398,7 +258,7 @@ def _locked_run(
     """run() once this run holds every output's lock: screen, plan, encode, consolidate."""
     modality = outputs[0].spec.modality
     items, reads = _read_items(config, modality, table, state)
-    existing = {}
+    existing: dict[Path, FeatureSet | None] = {}
     if state.is_main_process:  # each existing output read once, kept for reuse below
         existing = {output.path: read_existing(output.path) for output in outputs}
     if not config.overwrite:
@@ -411,97 +271,84 @@ def _locked_run(
         )
     if state.is_main_process:
         _warn_about_broken_entries(registry, [output.spec.name for output in outputs])
-    device = device_of(config.device, state)
-    encoders = load_encoders(
-        [output.spec for output in outputs],
-        [output.weights for output in outputs],
-        device,
-        torch_dtype(config.dtype, device),
-    )
-    manifest_sha256 = file_key(config.manifest)
-    provenances = [
-        output_provenance(
-            encoder,
-            output.weights,
-            config.dtype,
-            config_to_dict(output.config),
-            config.manifest,
-            manifest_sha256,
-        )
-        for output, encoder in zip(outputs, encoders, strict=True)
-    ]
-    identities = [encoder_identity(provenance) for provenance in provenances]
-
-    def plan_every_output() -> list[OutputPlan]:
-        return [
+    runs = _load(config, outputs, existing, state)
+    plans = on_main_process(
+        state,
+        lambda: [
             plan_output(
-                output.path,
-                identity,
-                manifest_sha256,
+                run.output.path,
+                run.identity,
+                run.provenance["manifest"]["sha256"],
                 items,
-                encoder,
+                run.encoder,
                 config.batch_size,
-                reusable(existing[output.path], identity),
+                reusable(run.existing, run.identity),
             )
-            for output, encoder, identity in zip(outputs, encoders, identities, strict=True)
-        ]
-
-    plans = on_main_process(state, plan_every_output)
-    running = [number for number, plan in enumerate(plans) if not plan.up_to_date]
+            for run in runs
+        ],
+    )
+    todo = [(run, plan) for run, plan in zip(runs, plans, strict=True) if not plan.up_to_date]
     if state.is_main_process:
-        for number, output in enumerate(outputs):
-            if plans[number].up_to_date:
+        for run, plan in zip(runs, plans, strict=True):
+            if plan.up_to_date:
                 print(
-                    f"{output.path} is up to date: it holds all {len(items.keys)} "
+                    f"{run.output.path} is up to date: it holds all {len(items.keys)} "
                     f"{modality} vectors"
                 )
-    if not running:
-        if state.is_main_process:
-            summarise_skipped(items.skipped)
-        return
-    batches = pass_batches([plans[number].pending for number in running])
-    shares = [batches[rank :: state.num_processes] for rank in range(state.num_processes)]
-    records = on_every_process(
-        lambda: encode_pass(
-            [encoders[number] for number in running],
-            [identities[number] for number in running],
-            [Parts(outputs[number].path, plans[number].identity) for number in running],
-            shares[state.process_index],
-            items,
-            reads.held,
-            config.num_workers,
-            state.is_main_process,
+    if todo:
+        batches = pass_batches([plan.pending for _, plan in todo])
+        shares = [batches[rank :: state.num_processes] for rank in range(state.num_processes)]
+        records = on_every_process(
+            lambda: encode_pass(
+                [run.encoder for run, _ in todo],
+                [run.identity for run, _ in todo],
+                [Parts(run.output.path, plan.identity) for run, plan in todo],
+                shares[state.process_index],
+                items,
+                reads.held,
+                config.num_workers,
+                state.is_main_process,
+            )
         )
-    )
-    if not state.is_main_process:
-        return
-    names = [output.spec.name for output in outputs]
+        if state.is_main_process:
+            _write_outputs(todo, [run.encoder.spec.name for run in runs], items, shares, records)
+    if state.is_main_process:
+        summarise_skipped(items.skipped)
+
+
+def _write_outputs(
+    todo: Sequence[tuple[_Running, OutputPlan]],
+    names: list[str],
+    items: UniqueItems,
+    shares: Sequence[Sequence[PassBatch]],
+    records: Sequence[Sequence[dict[str, Any]]],
+) -> None:
+    """Main process: each encoded output's file, from its parts, and what it took.
+
+    Args:
+        names: every encoder of the pass (those up to date too).
+        shares: each process's batches; records: each process's encoder counts per output.
+    """
     shared_with = {}
-    for group in forward_groups([encoders[number] for number in running]):
+    for group in forward_groups([run.encoder for run, _ in todo]):
         for member in group:
-            others = [names[running[other]] for other in group if other != member]
-            shared_with[running[member]] = others
-    for position, number in enumerate(running):
-        output, encoder, plan = outputs[number], encoders[number], plans[number]
+            shared_with[member] = [todo[other][0].output.spec.name for other in group]
+            shared_with[member].remove(todo[member][0].output.spec.name)
+    modality = todo[0][0].output.spec.modality
+    for position, (run, plan) in enumerate(todo):
         encoded = [
             sum(len(batch.keys) for batch in share if position in batch.outputs) for share in shares
         ]
-        in_pass = {"pass": names, "forward_shared_with": shared_with[number]}
-        provenances[number]["run"] = _run_record(
-            encoded, plan, items, encoder, [each[position] for each in records], in_pass
+        in_pass = {"pass": names, "forward_shared_with": shared_with[position]}
+        run.provenance["run"] = _run_record(
+            encoded, plan, items, run.encoder, [each[position] for each in records], in_pass
         )
-        features = consolidate(
-            output.path,
-            provenances[number],
-            items,
-            encoder.width,
-            plan,
-            reusable(existing[output.path], plan.identity),
-        )
+        path, reused = run.output.path, reusable(run.existing, plan.identity)
+        features = consolidate(path, run.provenance, items, run.encoder.width, plan, reused)
         print(
             f"wrote {len(items.keys)} {modality} vectors of width {features.width} "
-            f"({output.spec.name}, {output.weights} weights) to {output.path}: encoded "
-            f"{sum(encoded)} ({' + '.join(map(str, encoded))} by {state.num_processes} "
+            f"({run.output.spec.name}, {run.output.weights} weights) to {path}: encoded "
+            f"{sum(encoded)} ({' + '.join(map(str, encoded))} by {len(shares)} "
             f"process(es)), reused {plan.from_file} from the existing file and "
             f"{plan.from_parts} from parts"
         )
@@ -511,5 +358,4 @@ def _locked_run(
                 f"({plan.padding_share_unsorted:.1%} without sorting by length)"
             )
         if plan.long_reports:
-            print(_long_reports_summary(plan.long_reports, encoder), file=sys.stderr)
-    summarise_skipped(items.skipped)
+            print(_long_reports_summary(plan.long_reports, run.encoder), file=sys.stderr)

@@ -12,7 +12,7 @@ import errno
 import re
 from pathlib import Path
 
-from PIL import UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from extract.preprocess import ImageTooLarge, decode_image
 from pipeline.keys import bytes_key
@@ -58,28 +58,33 @@ def read_image_bytes(path: Path) -> tuple[bytes | None, str | None]:
         return None, SYMLINK_LOOP if error.errno == errno.ELOOP else UNREADABLE
 
 
-def screen_image_bytes(path: Path, data: bytes) -> str | None:
-    """None for the bytes of an image that can be encoded, else why not.
+def decode_screened(path: Path, data: bytes) -> tuple[Image.Image | None, str | None]:
+    """The bytes of an image file decoded, or why they cannot be encoded.
 
     Decodes the whole file with the same code extraction uses (`decode_image`), so bytes
-    that pass here also decode there.
+    that pass here also decode there, to the very image returned.
 
     Returns:
-        None, or one of "zero-byte", "not an image" (a file of another kind, e.g. text
-        named .png), "truncated or undecodable" (starts like an image but its data is cut
-        short or corrupt), "too large" (over PIL.Image.MAX_IMAGE_PIXELS).
+        (the RGB image, None), or (None, reason) with the reason one of "zero-byte",
+        "not an image" (a file of another kind, e.g. text named .png), "truncated or
+        undecodable" (starts like an image but its data is cut short or corrupt), "too
+        large" (over PIL.Image.MAX_IMAGE_PIXELS).
     """
     if not data:
-        return ZERO_BYTE
+        return None, ZERO_BYTE
     try:
-        decode_image(path, data)
+        return decode_image(path, data), None
     except ImageTooLarge:
-        return TOO_LARGE
+        return None, TOO_LARGE
     except UnidentifiedImageError:
-        return UNDECODABLE if data.startswith(_IMAGE_SIGNATURES) else NOT_AN_IMAGE
+        return None, UNDECODABLE if data.startswith(_IMAGE_SIGNATURES) else NOT_AN_IMAGE
     except (OSError, SyntaxError, ValueError, EOFError):
-        return UNDECODABLE
-    return None
+        return None, UNDECODABLE
+
+
+def screen_image_bytes(path: Path, data: bytes) -> str | None:
+    """None for the bytes of an image that can be encoded, else why not (decode_screened)."""
+    return decode_screened(path, data)[1]
 
 
 def check_image(path: Path) -> tuple[str, str | None]:

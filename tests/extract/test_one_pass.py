@@ -18,10 +18,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from PIL import Image
 from transformers.models.blip_2 import modeling_blip_2
 from transformers.models.llama import modeling_llama
 
 from cache.store import FeatureSet, read_features
+from extract import items
 from extract.__main__ import main
 from extract.provenance import NOT_IDENTITY
 from extract.registry import built_in_entry
@@ -30,7 +32,7 @@ from pipeline.errors import UserError
 from pipeline.fault_hook import ENVIRONMENT_VARIABLE
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-IMAGE_PASS = ("blip2-qformer", "blip2-vit", "clip-image", "chinese-clip-image")
+IMAGE_PASS = ("blip2-qformer", "blip2-vit", "clip-image", "align-image", "chinese-clip-image")
 TEXT_PASS = ("llama3", "llama3-last", "clip-text")  # llama3-last: llama3 pooled "last"
 PAIR_PASS = ("vilt", "vilt-cls")
 BATCH_SIZE = 2  # the small manifest's 4 images: 2 batches
@@ -99,11 +101,32 @@ def opened_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Counter:
     return opened
 
 
+@pytest.mark.parametrize("budget", [items.HELD_IMAGE_BYTES, 500_000], ids=["decoded", "mixed"])
 def test_each_image_file_is_read_once_per_pass(
-    small_manifest: Path, tmp_path: Path, opened_images: Counter
+    budget: int,
+    small_manifest: Path,
+    tmp_path: Path,
+    opened_images: Counter,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # 500 kB holds one decoded image (400 x 300 RGB: 360 kB), then the other files' bytes.
+    monkeypatch.setattr(items, "HELD_IMAGE_BYTES", budget)
     run(_config(IMAGE_PASS, small_manifest, tmp_path / "pass"))
     assert opened_images == {name: 1 for name in ("a.png", "b.png", "c.png", "d.png", "copy.png")}
+    if budget < items.HELD_IMAGE_BYTES:
+        alone = run(_config(["clip-image"], small_manifest, tmp_path / "alone.h5"))
+        in_pass = read_features(tmp_path / "pass" / "clip-image.h5")
+        _assert_same_output(in_pass, read_features(alone))
+
+
+def test_reads_hold_decoded_images_then_bytes_within_the_budget(
+    small_table: pd.DataFrame, small_manifest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(items, "HELD_IMAGE_BYTES", 500_000)
+    reads = items.read_images(list(small_table["image_path"].unique()), small_manifest)
+    first, *others = reads.held.values()
+    assert isinstance(first, Image.Image) and first.size == (400, 300)
+    assert [type(held) for held in others] == [bytes] * 4
 
 
 def _count_calls(monkeypatch: pytest.MonkeyPatch, owner: type) -> list[int]:
@@ -251,3 +274,15 @@ def test_two_processes_share_a_pass_and_write_every_output(manifest: Path, tmp_p
         features = read_features(out / f"{model}.h5")
         assert features.provenance["run"]["encoded_per_process"] == [2, 2]
         _assert_same_output(features, read_features(one / f"{model}.h5"))
+
+
+def test_reading_threads_give_the_reads_of_one_thread(
+    small_table: pd.DataFrame, small_manifest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    paths = list(small_table["image_path"].unique())
+    inline = items.read_images(paths, small_manifest)
+    monkeypatch.setattr(items, "INLINE_READS", 0)  # so few files would be read inline
+    in_workers = items.read_images(paths, small_manifest, threads=2)
+    assert in_workers.checks == inline.checks
+    assert in_workers.held == inline.held
+    assert len(inline.held) == 5 and all(inline.checks[path].key for path in paths)
