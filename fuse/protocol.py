@@ -455,6 +455,7 @@ def _fit_share(
     for index, job in enumerate(jobs):
         first_job_of.setdefault(job.model.name, index)
     share = processes.share(jobs)
+    exams = exam_ids(data.table)
     for index, job in tqdm(share, desc=f"protocol{processes.describe()}", unit="head"):
         name = job.model.name
         searched = None
@@ -475,7 +476,7 @@ def _fit_share(
             if head is None:
                 settings = dataclasses.replace(config, learning_rate=learning_rate_of[name])
                 head = _fit(job, data, kind, settings, config)
-            fitted.append(_applied(job, index, kind, head, data, config, started))
+            fitted.append(_applied(job, index, kind, head, data, exams, config, started))
             del head
             release_freed_memory()  # a head's copies of the inputs, before the next one
     gathered = processes.gather(_Share(fitted, searches, None))
@@ -491,14 +492,13 @@ def _applied(
     kind: str,
     head: FittedHead,
     data: CachedRows,
+    exams: np.ndarray,
     config: ProtocolConfig,
     started: float,
 ) -> _Fitted:
     """`head` (already fitted on `job`) applied to every row, and its record."""
     name = job.model.name
     raw = [data.features[feature] for feature in job.model.inputs]
-    patients = data.table["patient_id"].to_numpy()
-    exams = exam_ids(data.table)
     splits = job.split.splits.to_numpy().copy()
     # Training patients left out of this job's share are not its training rows.
     training = np.zeros(len(splits), dtype=bool)
@@ -539,7 +539,7 @@ def _applied(
             head,
             prepared,
             {split: job.rows[split].numpy() for split in EVALUATED_SETS},
-            patients,
+            data.table["patient_id"].to_numpy(),
             data.labels.numpy(),
             job.split.seed,
             exams,
