@@ -13,10 +13,12 @@ by side:
    output); its vectors are compared with extract's;
 2. extract's code path (extract.run.run, what `python -m extract` runs): each unique image
    and report once, in batches, with workers, in the precision measured faster here
-   (float32 and bfloat16 are both timed on a sample and printed);
+   (float32 and bfloat16 are both timed on a sample and printed; on a CPU without bf16
+   units, where bfloat16 is emulated, only float32);
 3. each encoder's achieved GFLOP/s (FLOPs from its config, bench/model_flops.py, times the
    items, over the seconds spent inside its forward) against a plain matmul of its MLP's shape
-   measured in this run, in float32 and bfloat16: this machine's ceiling;
+   measured in this run, in float32 and (with bf16 units) bfloat16: the faster one is this
+   machine's ceiling;
 4. the padding share of the text batches.
 
 The mid-size configs keep the real pair's balance: a report costs LLaMA about 3x what an
@@ -51,6 +53,7 @@ from transformers import AutoConfig, LlamaModel, PretrainedConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.machine import cpu_name  # noqa: E402
 from bench.model_flops import (  # noqa: E402
     bench_config,
     blip2_image_flops,
@@ -72,6 +75,7 @@ from extract.run import ExtractConfig  # noqa: E402
 from extract.run import run as run_extract  # noqa: E402
 from pipeline.demo.generate import DemoConfig  # noqa: E402
 from pipeline.demo.generate import run as run_demo  # noqa: E402
+from pipeline.hardware import cpu_bf16_is_fast  # noqa: E402
 from pipeline.keys import file_key, normalise_text, text_key  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -202,6 +206,11 @@ def min_cosine(naive: list[np.ndarray], features: FeatureSet, keys: list[str]) -
     return float(cosine.min())
 
 
+def measured_dtypes() -> tuple[str, ...]:
+    """The precisions worth timing here: bfloat16 only on a CPU with bf16 units."""
+    return ("float32", "bfloat16") if cpu_bf16_is_fast() else ("float32",)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--patients", type=int, default=404, help="demo patients (reports)")
@@ -220,7 +229,7 @@ def main() -> None:
     configs = encoder_configs(args.smoke)
     threads = torch.get_num_threads()
     print(
-        f"{threads} threads, {platform.processor() or platform.machine()}; torch "
+        f"CPU: {cpu_name()}, {threads} threads; torch "
         f"{torch.__version__}; {'tiny' if args.smoke else 'mid-size'} random-weight encoders"
     )
 
@@ -242,19 +251,26 @@ def main() -> None:
         )
         registry = write_encoders(folder, configs)
 
-        # Precision: both timed on one batch of each encoder; the faster one runs extract.
+        # Precision: each candidate timed on one batch of each encoder; the faster one runs
+        # extract. Without bf16 units bf16 is emulated (hundreds of times slower than float32:
+        # a batch would take minutes), so only float32 is a candidate there.
+        candidates = [args.dtype] if args.dtype != "auto" else list(measured_dtypes())
         fp32 = {name: load(name, registry, "float32") for name in (IMAGE, TEXT)}
         dtype_of, per_item = {}, {}
         for name in (IMAGE, TEXT):
             batch = sample_batch(fp32[name], table, manifest.parent, args.batch_size)
-            per_item[name] = {"float32": seconds_per_item(fp32[name], batch)}
-            per_item[name]["bfloat16"] = seconds_per_item(load(name, registry, "bfloat16"), batch)
-            faster = min(per_item[name], key=per_item[name].get)
-            dtype_of[name] = faster if args.dtype == "auto" else args.dtype
+            per_item[name] = {
+                dtype: seconds_per_item(
+                    fp32[name] if dtype == "float32" else load(name, registry, dtype), batch
+                )
+                for dtype in candidates
+            }
+            dtype_of[name] = min(per_item[name], key=per_item[name].get)
             print(
-                f"{name} on a batch of {len(batch)}: float32 "
-                f"{per_item[name]['float32'] * 1e3:.1f} ms/item, bfloat16 "
-                f"{per_item[name]['bfloat16'] * 1e3:.1f} ms/item -> extract uses {dtype_of[name]}"
+                f"{name} on a batch of {len(batch)}: "
+                + ", ".join(f"{dtype} {t * 1e3:.1f} ms/item" for dtype, t in per_item[name].items())
+                + f" -> extract uses {dtype_of[name]}"
+                + ("" if "bfloat16" in candidates else " (bfloat16 not timed: emulated here)")
             )
 
         rows = np.linspace(0, len(table) - 1, min(args.naive_pairs, len(table))).astype(int)
@@ -346,18 +362,21 @@ def main() -> None:
     rates = {}
     for name in (IMAGE, TEXT):
         ceiling = {
-            dtype: matmul_flops_per_second(tokens_per_batch[name], *widths[name], torch_dtype, CPU)
-            for dtype, torch_dtype in DTYPES.items()
+            dtype: matmul_flops_per_second(
+                tokens_per_batch[name], *widths[name], DTYPES[dtype], CPU
+            )
+            for dtype in measured_dtypes()
         }
+        # The ceiling is the faster precision's: what this machine could reach at all.
+        best = max(ceiling, key=ceiling.get)
         achieved = flops[name] / encode[name]
         rates[name] = {"achieved": achieved, "ceiling": ceiling, "flops": flops[name]}
         print(
-            f"{name} achieved {achieved / 1e9:.3g} GFLOP/s ({flops[name] / 1e12:.3g} TFLOP from "
-            f"its config / {encode[name]:.1f} s in forward) = "
-            f"{achieved / ceiling[dtype_of[name]]:.0%} of a plain {dtype_of[name]} matmul "
-            f"[{tokens_per_batch[name]}x{widths[name][0]}]x[{widths[name][0]}x{widths[name][1]}]: "
-            f"{ceiling['float32'] / 1e9:.3g} GFLOP/s float32, {ceiling['bfloat16'] / 1e9:.3g} "
-            "GFLOP/s bfloat16"
+            f"{name} in {dtype_of[name]} achieved {achieved / 1e9:.3g} GFLOP/s "
+            f"({flops[name] / 1e12:.3g} TFLOP from its config / {encode[name]:.1f} s in "
+            f"forward) = {achieved / ceiling[best]:.0%} of the ceiling, a plain {best} matmul "
+            f"[{tokens_per_batch[name]}x{widths[name][0]}]x[{widths[name][0]}x{widths[name][1]}]"
+            ": " + ", ".join(f"{rate / 1e9:.3g} GFLOP/s {dtype}" for dtype, rate in ceiling.items())
         )
 
     result = {
@@ -381,8 +400,8 @@ def main() -> None:
         "gflops": {
             name: {
                 "achieved": rate["achieved"] / 1e9,
-                "matmul_float32": rate["ceiling"]["float32"] / 1e9,
-                "matmul_bfloat16": rate["ceiling"]["bfloat16"] / 1e9,
+                **{f"matmul_{dtype}": value / 1e9 for dtype, value in rate["ceiling"].items()},
+                "share_of_ceiling": rate["achieved"] / max(rate["ceiling"].values()),
             }
             for name, rate in rates.items()
         },

@@ -5,11 +5,13 @@ On a synthetic cache of the paper's shape (5,799 pairs, 404 reports, 1024-d imag
 
 1. the reference loop: a per-pair Dataset and DataLoader, nn.Linear layers, default AdamW,
    float32 (the same model, loss, schedule, batch size and validation each epoch);
-2. `fuse`'s training (fuse.train.train_head): tensors in memory, fused AdamW, bf16
-   autocast; beside it float32, with each one's kept-epoch validation AUC, and a second
-   seed's for the trial-to-trial noise;
-3. this machine's floor for that training: model FLOPs over a bf16 matmul rate, plus the
-   optimizer's bytes over the memory bandwidth, both measured here;
+2. `fuse`'s training (fuse.train.train_head): tensors in memory, fused AdamW, precision
+   auto (bf16 autocast on a CPU with bf16 units, else float32); beside bf16 also float32,
+   with each one's kept-epoch validation AUC, and a second seed's for the trial-to-trial
+   noise;
+3. this machine's floor for that training: model FLOPs over the faster matmul rate
+   (bf16 where the CPU has bf16 units, else float32), plus the optimizer's bytes over the
+   memory bandwidth, both measured here;
 4. the whole protocol (`python -m fuse protocol`, M1-M4 and the baselines at their real
    widths, N trials, probes) on synthetic feature files, under torchrun with one process
    per core (`--processes`) as dvc.yaml runs it, with head and probe seconds from its
@@ -55,7 +57,13 @@ from bench.machine import cpu_name  # noqa: E402
 from cache.store import FeatureSet, write_features  # noqa: E402
 from fuse.losses import nt_xent  # noqa: E402
 from fuse.model import FusionHead  # noqa: E402
-from fuse.train import HeadSettings, train_head, warmup_cosine  # noqa: E402
+from fuse.train import (  # noqa: E402
+    HeadSettings,
+    resolve_precision,
+    train_head,
+    warmup_cosine,
+)
+from pipeline.hardware import cpu_bf16_is_fast  # noqa: E402
 from pipeline.keys import pair_key, text_key  # noqa: E402
 
 PAPER = {"pairs": 5799, "reports": 404, "image": 1024, "text": 4096}
@@ -216,10 +224,18 @@ def _best_seconds(action, repeats: int = 5) -> float:
 def floor_seconds(shape: dict[str, int], settings: HeadSettings, train_rows: int) -> dict:
     """FLOPs over a measured bf16 matmul rate + optimizer bytes over measured bandwidth."""
     batch = settings.batch_size
-    a = torch.randn(batch, shape["text"], dtype=torch.bfloat16)
-    w = torch.randn(shape["text"], settings.text_projection, dtype=torch.bfloat16)
-    matmul_seconds = _best_seconds(lambda: a @ w)
-    matmul_rate = 2 * batch * shape["text"] * settings.text_projection / matmul_seconds
+    # The faster precision's rate; bf16 only where the CPU has bf16 units (emulated, it is
+    # hundreds of times slower than float32 and not what fuse runs there).
+    rates = {}
+    for dtype in (torch.float32, torch.bfloat16) if cpu_bf16_is_fast() else (torch.float32,):
+        a = torch.randn(batch, shape["text"], dtype=dtype)
+        w = torch.randn(shape["text"], settings.text_projection, dtype=dtype)
+        seconds = _best_seconds(lambda a=a, w=w: a @ w)
+        rates[str(dtype).removeprefix("torch.")] = (
+            2 * batch * shape["text"] * settings.text_projection / seconds
+        )
+    matmul_dtype = max(rates, key=rates.get)
+    matmul_rate = rates[matmul_dtype]
     big = torch.randn(64_000_000)
     other = torch.randn(64_000_000)
     add_seconds = _best_seconds(lambda: big.add_(other))
@@ -247,7 +263,8 @@ def floor_seconds(shape: dict[str, int], settings: HeadSettings, train_rows: int
     compute = steps * step_flops / matmul_rate
     memory = steps * optimizer_bytes / bandwidth
     return {
-        "matmul_gflops_bf16": matmul_rate / 1e9,
+        "matmul_dtype": matmul_dtype,
+        "matmul_gflops": matmul_rate / 1e9,
         "bandwidth_gbs": bandwidth / 1e9,
         "parameters": parameters,
         "step_gflop": step_flops / 1e9,
@@ -405,21 +422,34 @@ def main() -> None:
 
     reference = reference_training(data, settings, 0) * scale
     print(f"reference loop (per-pair DataLoader, AdamW, fp32): {reference:.1f} s / 80 epochs")
-    seconds, auc_bf16 = fuse_training(data, settings, 0)
+    precision = resolve_precision(settings).precision
+    seconds, auc_default = fuse_training(data, settings, 0)
     ours = seconds * scale
-    print(f"fuse (in memory, fused AdamW, bf16):                {ours:.1f} s / 80 epochs")
-    seconds, auc_fp32 = fuse_training(data, dataclasses.replace(settings, precision="fp32"), 0)
-    ours_fp32 = seconds * scale
-    print(f"fuse with precision fp32 (for comparison):          {ours_fp32:.1f} s / 80 epochs")
+    print(
+        f"fuse (in memory, fused AdamW, precision auto = {precision} here): "
+        f"{ours:.1f} s / 80 epochs"
+    )
+    auc = {precision: auc_default}
+    seconds_80 = {precision: ours}
+    if precision == "bf16":
+        seconds, auc["fp32"] = fuse_training(
+            data, dataclasses.replace(settings, precision="fp32"), 0
+        )
+        seconds_80["fp32"] = seconds * scale
+        print(f"fuse with precision fp32 (for comparison): {seconds_80['fp32']:.1f} s / 80 epochs")
+    else:
+        print("fuse with precision bf16: not timed, this CPU has no bf16 units (emulated)")
     _, auc_seed1 = fuse_training(data, settings, 1)
     print(
-        f"kept epoch's validation AUC, seed 0: bf16 {auc_bf16:.4f}, fp32 {auc_fp32:.4f}; "
-        f"bf16 seed 1 (trial noise) {auc_seed1:.4f}"
+        "kept epoch's validation AUC, seed 0: "
+        + ", ".join(f"{name} {value:.4f}" for name, value in auc.items())
+        + f"; {precision} seed 1 (trial noise) {auc_seed1:.4f}"
     )
     floor = floor_seconds(shape, dataclasses.replace(settings, epochs=80), len(data[4]))
     print(
-        f"floor: {floor['step_gflop']:.2f} GFLOP/step at {floor['matmul_gflops_bf16']:.0f} GFLOP/s "
-        f"(bf16 matmul) = {floor['compute_seconds']:.1f} s, + {floor['parameters'] / 1e6:.1f}M "
+        f"floor: {floor['step_gflop']:.2f} GFLOP/step at {floor['matmul_gflops']:.0f} GFLOP/s "
+        f"({floor['matmul_dtype']} matmul) = {floor['compute_seconds']:.1f} s, + "
+        f"{floor['parameters'] / 1e6:.1f}M "
         f"params x 28 B/step at {floor['bandwidth_gbs']:.1f} GB/s = "
         f"{floor['optimizer_seconds']:.1f} s; total {floor['floor_seconds']:.1f} s; "
         f"fuse is {ours / floor['floor_seconds']:.2f}x the floor"
@@ -435,13 +465,10 @@ def main() -> None:
         "shape": shape,
         "epochs_timed": epochs,
         "reference_seconds_80": reference,
+        "fuse_precision": precision,
         "fuse_seconds_80": ours,
-        "fuse_fp32_seconds_80": ours_fp32,
-        "kept_val_auc": {
-            "bf16": auc_bf16,
-            "fp32": auc_fp32,
-            "bf16_seed1": auc_seed1,
-        },
+        "fuse_seconds_80_by_precision": seconds_80,
+        "kept_val_auc": {**auc, f"{precision}_seed1": auc_seed1},
         "cpu": cpu_name(),
         "floor": floor,
         "protocol": protocol,

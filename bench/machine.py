@@ -6,17 +6,22 @@ import os
 import platform
 from pathlib import Path
 
+from pipeline.hardware import bf16_units
+
+UNIT_NAMES = {"amx_bf16": "AMX", "avx512_bf16": "AVX512-BF16, no AMX"}
+
 
 def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo and whether it has AMX (bf16 matrix products
-    several times faster than AVX512-BF16 alone), else what platform knows."""
+    """The CPU model from /proc/cpuinfo and its bf16 matrix units: AMX (several times
+    faster than AVX512-BF16 alone), AVX512-BF16, or none (bf16 emulated, far slower than
+    float32); else what platform knows."""
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
-        info = cpuinfo.read_text()
-        for line in info.splitlines():
+        for line in cpuinfo.read_text().splitlines():
             if line.startswith("model name"):
-                amx = "with" if "amx_bf16" in info else "without"
-                return f"{line.split(':', 1)[1].strip()} ({amx} AMX)"
+                unit = bf16_units()
+                units = UNIT_NAMES[unit] if unit else "no bf16 units: bf16 emulated"
+                return f"{line.split(':', 1)[1].strip()} ({units})"
     return platform.processor() or platform.machine()
 
 

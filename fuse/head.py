@@ -42,7 +42,14 @@ from fuse.exam_model import (
 )
 from fuse.model import FusionHead
 from fuse.probe import ProbeFit, fit_probe
-from fuse.train import HeadSettings, TrainedHead, predict_proba, train_head, with_absent
+from fuse.train import (
+    HeadSettings,
+    TrainedHead,
+    predict_proba,
+    resolve_precision,
+    train_head,
+    with_absent,
+)
 from fuse.zoo import EXAM_HEAD, PROJECTED_HEADS, ModelSpec
 from pipeline.clinical import ClinicalColumns, ClinicalEncoding
 from pipeline.errors import UserError
@@ -139,7 +146,8 @@ class FittedHead:
             raise ValueError(f"kind {kind!r}: choose from {KINDS}")
         self.model = model
         self.kind = kind
-        self.settings = settings or HeadSettings()
+        # A saved head records the precision it trained with, not "auto".
+        self.settings = resolve_precision(settings or HeadSettings())
         self.classes = tuple(classes)
         self.standardise = standardise
         self.centre_external = centre_external

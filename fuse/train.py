@@ -2,8 +2,9 @@
 
 Everything a step touches is already a tensor in memory: a batch is an index into
 row-aligned matrices, so there is no per-sample Python, no DataLoader and no copy of the
-data set per epoch. AdamW runs fused; matrix products run in bfloat16 under autocast with
-float32 master weights, optimizer state and losses (`precision: fp32` turns that off).
+data set per epoch. AdamW runs fused; on a CPU with bf16 units, matrix products run in
+bfloat16 under autocast with float32 master weights, optimizer state and losses
+(`precision` chooses; elsewhere everything is float32).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import ctypes
 import functools
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -23,11 +24,12 @@ from fuse.losses import nt_xent
 from fuse.model import FusionHead
 from pipeline.config import check_declared, setting
 from pipeline.errors import UserError
+from pipeline.hardware import cpu_bf16_is_fast
 from pipeline.metrics import roc_auc
 
 _MALLOPT_TRIM_THRESHOLD, _MALLOPT_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 SELECTION_CRITERIA = ("val_loss", "val_auc")
-PRECISIONS = ("bf16", "fp32")
+PRECISIONS = ("auto", "bf16", "fp32")
 _PREDICT_CHUNK_ROWS = 4096
 
 
@@ -91,9 +93,11 @@ class HeadSettings:
         choices=SELECTION_CRITERIA,
     )
     precision: str = setting(
-        "bf16",
+        "auto",
         "bf16: matrix products in bfloat16 under autocast (float32 weights, optimizer and "
-        "losses); fp32: everything in float32",
+        "losses); fp32: everything in float32; auto: bf16 on a CPU with bf16 units "
+        "(AVX512-BF16 or AMX), else fp32, as emulated bf16 is about 100x slower there; a "
+        "saved head records which one it trained with",
         choices=PRECISIONS,
     )
 
@@ -113,6 +117,13 @@ class TrainedHead:
     def epochs_trained(self) -> int:
         """Epochs actually run: fewer than `epochs` when patience stopped training."""
         return len(self.history)
+
+
+def resolve_precision(settings: HeadSettings) -> HeadSettings:
+    """`settings` with precision "auto" replaced by what this CPU runs fastest."""
+    if settings.precision != "auto":
+        return settings
+    return replace(settings, precision="bf16" if cpu_bf16_is_fast() else "fp32")
 
 
 def check_settings(settings: HeadSettings) -> None:
@@ -179,8 +190,9 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
 
 
 def autocast(precision: str) -> contextlib.AbstractContextManager:
-    """A context where matrix products run in bfloat16 ("bf16"), or a no-op ("fp32")."""
-    if precision == "bf16":
+    """A context where matrix products run in bfloat16 ("bf16"), or a no-op ("fp32");
+    "auto" as resolve_precision chooses."""
+    if precision == "bf16" or (precision == "auto" and cpu_bf16_is_fast()):
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -336,6 +348,7 @@ def train_head(
         The head with its kept epoch's weights, and the per-epoch history.
     """
     check_settings(settings)
+    settings = resolve_precision(settings)
     reuse_freed_memory()
     torch.manual_seed(seed)
     order_generator = torch.Generator().manual_seed(seed)

@@ -223,3 +223,13 @@ def test_protocol_heads_reload_in_a_fresh_process_to_the_table(synthetic_cache, 
         rows = table[(table["model"] == model) & (table["head"] == kind) & (table["trial"] == 0)]
         np.testing.assert_allclose(loaded[path]["p"], rows["prob_GC"], atol=1e-6)
         assert loaded[path]["t"] == pytest.approx(rows["threshold"].iloc[0])
+
+
+def test_a_saved_head_records_the_precision_it_trained_with(monkeypatch, tmp_path):
+    monkeypatch.setattr("fuse.train.cpu_bf16_is_fast", lambda: False)
+    vectors, labels = separable()
+    head = fitted("head", vectors, labels)
+    assert head.settings.precision == "fp32"
+    # Loaded on a machine with bf16 units, it still predicts in the precision it trained in.
+    monkeypatch.setattr("fuse.train.cpu_bf16_is_fast", lambda: True)
+    assert FittedHead.load(head.save(tmp_path / "m1")).settings.precision == "fp32"

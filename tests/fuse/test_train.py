@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from fuse import train
 from fuse.losses import nt_xent
 from fuse.model import FusionHead
 from fuse.train import HeadSettings, predict_logits, train_head, training_loss, warmup_cosine
@@ -168,3 +169,14 @@ def test_bf16_steps_see_the_weights_of_the_step_before():
         trained = train_head(head(), inputs, labels, groups, train, val, settings, seed=0)
         first_epoch_loss[precision] = trained.history[0]["train_loss"]
     assert math.isclose(first_epoch_loss["fp32"], first_epoch_loss["bf16"], rel_tol=0.05)
+
+
+@pytest.mark.parametrize(("fast", "expected"), [(True, "bf16"), (False, "fp32")])
+def test_auto_precision_is_bf16_only_where_the_cpu_has_bf16_units(monkeypatch, fast, expected):
+    monkeypatch.setattr(train, "cpu_bf16_is_fast", lambda: fast)
+    assert HeadSettings().precision == "auto"
+    assert train.resolve_precision(HeadSettings()).precision == expected
+    assert train.resolve_precision(HeadSettings(precision="fp32")).precision == "fp32"
+    with train.autocast("auto"):
+        product = torch.ones(2, 3) @ torch.ones(3, 2)
+    assert product.dtype == (torch.bfloat16 if fast else torch.float32)
