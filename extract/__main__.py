@@ -78,12 +78,15 @@ EXAMPLES = """\
 
   # killed, or out of disk? run the same command again: finished batches are kept (in
   # FILE.h5.parts/). A second run on the same --out waits up to an hour for the first:
-  python -m extract --params params.yaml --section extract_text --wait-for-lock 3600
+  python -m extract --params params.yaml --section extract.reports --wait-for-lock 3600
 
   # as the dvc pipeline calls it: settings from a params.yaml section (one per group of
   # one modality: model: [blip2-qformer, blip2-vit, ...], out: features/images), flags
   # override
   python -m extract --params params.yaml --section extract.images"""
+
+
+DEFAULT_SECTION = "extract.images"  # dvc.yaml's image group, in params.yaml's extract
 
 
 def list_encoders(argv: Sequence[str]) -> None:
@@ -92,7 +95,7 @@ def list_encoders(argv: Sequence[str]) -> None:
     parser.add_argument("--list", action="store_true")
     parser.add_argument("--registry")
     parser.add_argument("--params")
-    parser.add_argument("--section", default="extract_image")
+    parser.add_argument("--section", default=DEFAULT_SECTION)
     args, _ = parser.parse_known_args(argv)
     registry_file = args.registry
     if registry_file is None and args.params:
@@ -111,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> Path | None:
         ExtractConfig,
         run,
         prog="python -m extract",
-        section="extract_image",
+        section=DEFAULT_SECTION,
         description=DESCRIPTION,
         examples=EXAMPLES,
         argv=arguments,

@@ -28,10 +28,10 @@ from extract.screening import decode_screened, read_image_bytes, screen_report, 
 from pipeline.errors import UserError
 from pipeline.keys import bytes_key, normalise_text, pair_key, text_key
 
-# _conflict and _fail: the manifest's own checks and messages, given the content the pass
-# read instead of hashing every file again (load_manifest's check_images reads them all):
-# see check_image_files and check_one_patient_per_image.
-from pipeline.manifest import _conflict, _fail, image_file  # noqa: PLC2701
+# refuse_conflicts and refuse_rows: the manifest's own checks and messages, given the
+# content the pass read instead of hashing every file again (load_manifest's check_images
+# reads them all): see check_image_files and check_one_patient_per_image.
+from pipeline.manifest import image_file, refuse_conflicts, refuse_rows
 
 REPORT_NAME_CHARS = 40  # of a report, in messages and in the skipped items' names
 # What a process keeps from its one read of the images for the encoding: decoded images
@@ -140,7 +140,7 @@ def check_image_files(
         return False
 
     root = Path(os.path.abspath(image_root or manifest_path.parent))
-    _fail(
+    refuse_rows(
         manifest_path,
         table,
         "image_path",
@@ -151,7 +151,7 @@ def check_image_files(
         absent = ~table["image_path"].map(
             lambda path: image_file(manifest_path, path, image_root).is_file()
         )
-        _fail(
+        refuse_rows(
             manifest_path,
             table,
             "image_path",
@@ -170,7 +170,7 @@ def check_one_patient_per_image(
         UserError: naming the first two lines that share an image across patients.
     """
     identity = table["image_path"].map(lambda path: checks[path].identity)
-    _conflict(
+    refuse_conflicts(
         Path(manifest_path),
         table,
         "patient_id",

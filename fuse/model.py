@@ -100,6 +100,39 @@ class FusionHead(nn.Module):
             for name, vectors in zip(self.input_names, inputs, strict=True)
         ]
 
+    def variant_logits(
+        self,
+        inputs: Sequence[torch.Tensor],
+        absent: Sequence[torch.Tensor],
+        variants: Sequence[Sequence[bool]],
+    ) -> list[torch.Tensor]:
+        """Class logits of every variant, an input not used in it replaced by its `absent`
+        vector: forward(inputs with absent ones) for each, with each input's projection and
+        its product with the first classifier layer computed once for all variants.
+
+        The first layer reads the concatenated parts, so its output is the sum of each
+        part's product with that part's rows of the weight: a variant only chooses, per
+        input, between the rows' product and the absent vector's (one row).
+        """
+        parts = self.fused_parts(inputs)
+        absent_parts = self.fused_parts(
+            [vector[None].to(x.dtype) for vector, x in zip(absent, inputs, strict=True)]
+        )
+        first, rest = self.classifier[0], self.classifier[1:]
+        weights = first.weight.split([part.shape[-1] for part in parts])
+        present = [(part @ weight).float() for part, weight in zip(parts, weights, strict=True)]
+        missing = [
+            (part @ weight).float() for part, weight in zip(absent_parts, weights, strict=True)
+        ]
+        logits = []
+        for used in variants:
+            hidden = first.bias.float() + sum(
+                row if keep else stand_in
+                for row, stand_in, keep in zip(present, missing, used, strict=True)
+            )
+            logits.append(rest(hidden))
+        return logits
+
     def forward(
         self, inputs: Sequence[torch.Tensor]
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:

@@ -63,7 +63,9 @@ class PredictConfig(DecisionSettings):
 
     manifest: str = setting("", "manifest CSV/Parquet of the exams to score; labels optional")
     features: tuple[str, ...] = setting(
-        (), "feature files of that manifest from the head's encoders (python -m extract)"
+        (),
+        "feature files of that manifest from the head's encoders (python -m extract), or "
+        "folders of them: a folder means every *.h5 file inside it",
     )
     out: str = setting("", "CSV file for the per-image table (empty: print only)")
     centring: str = setting(

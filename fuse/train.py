@@ -211,6 +211,31 @@ def predict_logits(
     return torch.cat(chunks)
 
 
+@torch.no_grad()
+def variant_logits(
+    model: FusionHead,
+    inputs: Sequence[torch.Tensor],
+    absent: Sequence[torch.Tensor],
+    variants: Sequence[tuple[bool, ...]],
+    precision: str,
+) -> list[torch.Tensor]:
+    """Float32 logits of every row for each input variant (inputs not used in it replaced by
+    `absent`), with dropout off: what predict_logits gives on with_absent(inputs, absent,
+    used), at the cost of about one forward instead of one per variant."""
+    if len(variants) == 1:
+        return [predict_logits(model, with_absent(inputs, absent, variants[0]), precision)]
+    model.eval()
+    chunks: list[list[torch.Tensor]] = [[] for _ in variants]
+    with autocast(precision):
+        for start in range(0, len(inputs[0]), _PREDICT_CHUNK_ROWS):
+            rows = [x[start : start + _PREDICT_CHUNK_ROWS] for x in inputs]
+            for chunk, logits in zip(
+                chunks, model.variant_logits(rows, absent, variants), strict=True
+            ):
+                chunk.append(logits.float())
+    return [torch.cat(chunk) for chunk in chunks]
+
+
 def predict_proba(model: FusionHead, inputs: Sequence[torch.Tensor], precision: str) -> np.ndarray:
     """Class probabilities [rows, classes] of every row of `inputs`."""
     return torch.softmax(predict_logits(model, inputs, precision), dim=-1).numpy()
@@ -286,8 +311,11 @@ def _best_variant(
 ) -> tuple[dict, torch.Tensor]:
     """This epoch's validation record of the best input variant (eligible ones first)."""
     best: tuple[bool, dict, torch.Tensor] | None = None
-    for used in variants:
-        logits = predict_logits(model, with_absent(val_inputs, absent, used), settings.precision)
+    for used, logits in zip(
+        variants,
+        variant_logits(model, val_inputs, absent, variants, settings.precision),
+        strict=True,
+    ):
         record = {
             "val_loss": float(F.cross_entropy(logits, val_labels)),
             "val_auc": roc_auc(val_labels.numpy(), torch.softmax(logits, -1)[:, -1].numpy()),

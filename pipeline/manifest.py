@@ -146,7 +146,10 @@ def first_lines(mask: pd.Series, lines: pd.Series) -> str:
     return ", ".join(rows) + more
 
 
-def _fail(path: Path, table: pd.DataFrame, column: str, mask: pd.Series, problem: str) -> None:
+def refuse_rows(
+    path: Path, table: pd.DataFrame, column: str, mask: pd.Series, problem: str
+) -> None:
+    """Raise a UserError naming `column`, `problem` and the lines of the rows in `mask`."""
     if mask.any():
         raise UserError(
             f"manifest {path}, column '{column}': {problem} at line(s) "
@@ -214,12 +217,12 @@ def load_manifest(
             column == "label" and not labels_required
         )
         if not optional:
-            _fail(path, table, column, table[column].str.strip() == "", "empty value")
+            refuse_rows(path, table, column, table[column].str.strip() == "", "empty value")
     if not labels_required:
         table.loc[table["label"].str.strip() == "", "label"] = ""
     unknown_label = ~table["label"].isin([*classes, *([""] if not labels_required else [])])
     found = ", ".join(repr(label) for label in table.loc[unknown_label, "label"].unique()[:3])
-    _fail(
+    refuse_rows(
         path,
         table,
         "label",
@@ -233,15 +236,15 @@ def load_manifest(
         report_ids = table["report_text"].map(lambda text: text_key(text)[:12])
         default_exam = table["patient_id"] + "/" + report_ids
         table["exam_id"] = table["exam_id"].where(table["exam_id"] != "", default_exam)
-    _fail(
+    refuse_rows(
         path, table, "split", ~table["split"].isin(("", *SPLITS)), f"split not one of {SPLITS}"
     )
     _check_one_split_per_patient(path, table)
     # exam ids may be numbered per patient (1, 2, ...), so an exam is patient + exam id
     exams = table["patient_id"] + "/" + table["exam_id"]
-    _conflict(path, table, "label", exams, "an exam has two labels")
+    refuse_conflicts(path, table, "label", exams, "an exam has two labels")
     if not labels_per_exam:
-        _conflict(
+        refuse_conflicts(
             path,
             table,
             "label",
@@ -251,7 +254,7 @@ def load_manifest(
     if check_images:
         root = _root(path, image_root)
         outside = ~table["image_path"].map(lambda image: _inside(_locate(path, image), root))
-        _fail(
+        refuse_rows(
             path,
             table,
             "image_path",
@@ -261,7 +264,7 @@ def load_manifest(
         folder = path.parent
         absent = ~table["image_path"].map(lambda image: _locate(path, image).is_file())
         if not allow_missing_images:
-            _fail(
+            refuse_rows(
                 path,
                 table,
                 "image_path",
@@ -273,7 +276,7 @@ def load_manifest(
     else:
         identity, what = table["image_path"].map(os.path.normpath), "the same image path"
     # One image under two patients would let a test patient's image train the head.
-    _conflict(path, table, "patient_id", identity, f"{what} is under two patients")
+    refuse_conflicts(path, table, "patient_id", identity, f"{what} is under two patients")
     return table
 
 
@@ -281,7 +284,7 @@ def _check_one_split_per_patient(path: Path, table: pd.DataFrame) -> None:
     given = table[table["split"] != ""]
     splits_per_patient = given.groupby("patient_id")["split"].nunique()
     crossing = set(splits_per_patient[splits_per_patient > 1].index)
-    _fail(
+    refuse_rows(
         path,
         table,
         "split",
@@ -291,7 +294,7 @@ def _check_one_split_per_patient(path: Path, table: pd.DataFrame) -> None:
     has_blank = table.groupby("patient_id")["split"].agg(lambda splits: (splits == "").any())
     has_given = table.groupby("patient_id")["split"].agg(lambda splits: (splits != "").any())
     half_given = has_blank & has_given
-    _fail(
+    refuse_rows(
         path,
         table,
         "split",
@@ -300,7 +303,9 @@ def _check_one_split_per_patient(path: Path, table: pd.DataFrame) -> None:
     )
 
 
-def _conflict(path: Path, table: pd.DataFrame, column: str, groups: pd.Series, problem: str):
+def refuse_conflicts(
+    path: Path, table: pd.DataFrame, column: str, groups: pd.Series, problem: str
+) -> None:
     """Raise naming the first two rows of the first group that holds two values of `column`."""
     values_per_group = table.groupby(groups)[column].nunique()
     conflicting = values_per_group[values_per_group > 1].index

@@ -180,3 +180,20 @@ def test_auto_precision_is_bf16_only_where_the_cpu_has_bf16_units(monkeypatch, f
     with train.autocast("auto"):
         product = torch.ones(2, 3) @ torch.ones(3, 2)
     assert product.dtype == (torch.bfloat16 if fast else torch.float32)
+
+
+@pytest.mark.parametrize("projections", [True, False])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_every_variant_at_once_equals_one_forward_per_variant(projections, precision):
+    """Selection scores each input set from one pass (fuse.train.variant_logits); each must
+    be what the head gives with the unused inputs replaced by their stand-in."""
+    model = head(projections=projections)
+    inputs, _, _ = noisy_data(rows=70)
+    absent = [x[:40].mean(dim=0) for x in inputs]
+    variants = [(True, True), (True, False), (False, True)]
+    at_once = train.variant_logits(model, inputs, absent, variants, precision)
+    tolerance = {"fp32": 1e-5, "bf16": 5e-2}[precision]
+    for used, logits in zip(variants, at_once, strict=True):
+        one = predict_logits(model, train.with_absent(inputs, absent, used), precision)
+        torch.testing.assert_close(logits, one, atol=tolerance, rtol=0)
+    assert not torch.allclose(at_once[1], at_once[2])  # the variants do differ
