@@ -53,7 +53,7 @@ from transformers import AutoConfig, LlamaModel, PretrainedConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.machine import cpu_name  # noqa: E402
+from bench.machine import cpu_name, timed_precisions  # noqa: E402
 from bench.model_flops import (  # noqa: E402
     bench_config,
     blip2_image_flops,
@@ -75,7 +75,6 @@ from extract.run import ExtractConfig  # noqa: E402
 from extract.run import run as run_extract  # noqa: E402
 from pipeline.demo.generate import DemoConfig  # noqa: E402
 from pipeline.demo.generate import run as run_demo  # noqa: E402
-from pipeline.hardware import cpu_bf16_is_fast  # noqa: E402
 from pipeline.keys import file_key, normalise_text, text_key  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -206,11 +205,6 @@ def min_cosine(naive: list[np.ndarray], features: FeatureSet, keys: list[str]) -
     return float(cosine.min())
 
 
-def measured_dtypes() -> tuple[str, ...]:
-    """The precisions worth timing here: bfloat16 only on a CPU with bf16 units."""
-    return ("float32", "bfloat16") if cpu_bf16_is_fast() else ("float32",)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--patients", type=int, default=404, help="demo patients (reports)")
@@ -254,7 +248,7 @@ def main() -> None:
         # Precision: each candidate timed on one batch of each encoder; the faster one runs
         # extract. Without bf16 units bf16 is emulated (hundreds of times slower than float32:
         # a batch would take minutes), so only float32 is a candidate there.
-        candidates = [args.dtype] if args.dtype != "auto" else list(measured_dtypes())
+        candidates = [args.dtype] if args.dtype != "auto" else list(timed_precisions())
         fp32 = {name: load(name, registry, "float32") for name in (IMAGE, TEXT)}
         dtype_of, per_item = {}, {}
         for name in (IMAGE, TEXT):
@@ -365,7 +359,7 @@ def main() -> None:
             dtype: matmul_flops_per_second(
                 tokens_per_batch[name], *widths[name], DTYPES[dtype], CPU
             )
-            for dtype in measured_dtypes()
+            for dtype in timed_precisions()
         }
         # The ceiling is the faster precision's: what this machine could reach at all.
         best = max(ceiling, key=ceiling.get)

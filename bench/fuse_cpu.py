@@ -53,7 +53,7 @@ from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.machine import cpu_name  # noqa: E402
+from bench.machine import cpu_name, timed_precisions  # noqa: E402
 from cache.store import FeatureSet, write_features  # noqa: E402
 from fuse.losses import nt_xent  # noqa: E402
 from fuse.model import FusionHead  # noqa: E402
@@ -63,7 +63,6 @@ from fuse.train import (  # noqa: E402
     train_head,
     warmup_cosine,
 )
-from pipeline.hardware import cpu_bf16_is_fast  # noqa: E402
 from pipeline.keys import pair_key, text_key  # noqa: E402
 
 PAPER = {"pairs": 5799, "reports": 404, "image": 1024, "text": 4096}
@@ -222,18 +221,14 @@ def _best_seconds(action, repeats: int = 5) -> float:
 
 
 def floor_seconds(shape: dict[str, int], settings: HeadSettings, train_rows: int) -> dict:
-    """FLOPs over a measured bf16 matmul rate + optimizer bytes over measured bandwidth."""
+    """FLOPs over the faster measured matmul rate + optimizer bytes over measured bandwidth."""
     batch = settings.batch_size
-    # The faster precision's rate; bf16 only where the CPU has bf16 units (emulated, it is
-    # hundreds of times slower than float32 and not what fuse runs there).
     rates = {}
-    for dtype in (torch.float32, torch.bfloat16) if cpu_bf16_is_fast() else (torch.float32,):
-        a = torch.randn(batch, shape["text"], dtype=dtype)
-        w = torch.randn(shape["text"], settings.text_projection, dtype=dtype)
+    for name in timed_precisions():
+        a = torch.randn(batch, shape["text"], dtype=getattr(torch, name))
+        w = torch.randn(shape["text"], settings.text_projection, dtype=getattr(torch, name))
         seconds = _best_seconds(lambda a=a, w=w: a @ w)
-        rates[str(dtype).removeprefix("torch.")] = (
-            2 * batch * shape["text"] * settings.text_projection / seconds
-        )
+        rates[name] = 2 * batch * shape["text"] * settings.text_projection / seconds
     matmul_dtype = max(rates, key=rates.get)
     matmul_rate = rates[matmul_dtype]
     big = torch.randn(64_000_000)

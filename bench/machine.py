@@ -6,7 +6,7 @@ import os
 import platform
 from pathlib import Path
 
-from pipeline.hardware import bf16_units
+from pipeline.hardware import bf16_units, cpu_bf16_is_fast
 
 UNIT_NAMES = {"amx_bf16": "AMX", "avx512_bf16": "AVX512-BF16, no AMX"}
 
@@ -30,3 +30,9 @@ def cpu_threads() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
+
+
+def timed_precisions() -> tuple[str, ...]:
+    """The torch dtypes worth timing here: bfloat16 only on a CPU with bf16 units (emulated,
+    it is hundreds of times slower than float32 and nothing runs in it there)."""
+    return ("float32", "bfloat16") if cpu_bf16_is_fast() else ("float32",)

@@ -96,7 +96,7 @@ class HeadSettings:
         "auto",
         "bf16: matrix products in bfloat16 under autocast (float32 weights, optimizer and "
         "losses); fp32: everything in float32; auto: bf16 on a CPU with bf16 units "
-        "(AVX512-BF16 or AMX), else fp32, as emulated bf16 is about 100x slower there; a "
+        "(AVX512-BF16 or AMX), else fp32, as emulated bf16 is far slower there; a "
         "saved head records which one it trained with",
         choices=PRECISIONS,
     )
