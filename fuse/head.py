@@ -654,7 +654,7 @@ class FittedHead:
         }
         if self.kind == "probe":
             config["probe"] = {"c": self.probe_.c, "val_loss": self.probe_.val_loss}
-        tensor_path, config_path = stem.with_suffix(TENSOR_SUFFIX), stem.with_suffix(CONFIG_SUFFIX)
+        tensor_path, config_path = _named(stem, TENSOR_SUFFIX), _named(stem, CONFIG_SUFFIX)
         partial = tensor_path.with_name(tensor_path.name + ".partial")
         save_file(
             {name: value.contiguous() for name, value in tensors.items()},
@@ -675,7 +675,7 @@ class FittedHead:
             UserError: a missing or damaged file, another format or version.
         """
         stem = _stem(path)
-        config_path, tensor_path = stem.with_suffix(CONFIG_SUFFIX), stem.with_suffix(TENSOR_SUFFIX)
+        config_path, tensor_path = _named(stem, CONFIG_SUFFIX), _named(stem, TENSOR_SUFFIX)
         for needed in (config_path, tensor_path):
             if not needed.is_file():
                 raise UserError(
@@ -808,6 +808,12 @@ def _used_names(names: Sequence[str], used: Sequence[bool]) -> str:
 def _stem(path: str | Path) -> Path:
     path = Path(path)
     return path.with_suffix("") if path.suffix in (TENSOR_SUFFIX, CONFIG_SUFFIX) else path
+
+
+def _named(stem: Path, suffix: str) -> Path:
+    # Appended, not with_suffix: a stem may hold a dot of its own (trial0-fold0-fraction0.5-
+    # head), which with_suffix would take for a suffix and replace.
+    return stem.with_name(stem.name + suffix)
 
 
 def _plain(value: Any) -> Any:

@@ -3,25 +3,30 @@
 `torchrun --nproc-per-node N -m fuse protocol ...` or `accelerate launch --num_processes N
 -m fuse protocol ...` (the launchers extraction uses) start N copies of the protocol; both
 set RANK, WORLD_SIZE and LOCAL_WORLD_SIZE. Every process plans the same jobs from the same
-data and seeds, takes every N-th of them, and sends what it fitted to the main process,
-which writes the one table. Without a launcher there is one process and nothing here
-starts a process group.
+data and seeds, takes the next job no process has taken whenever it is free (so one
+with small heads does not wait idle while another fits large ones), and sends what it
+fitted to the main process, which writes the one table. Which process fits a job does not
+change the job's result. Without a launcher there is one process and nothing here starts a
+process group.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 Item = TypeVar("Item")
 # A head can take minutes on a large protocol; a process waits for the slowest one's share.
 _GATHER_TIMEOUT = timedelta(hours=24)
+# The store's counters of items taken and finished (one claimed sequence per process group).
+_CLAIMED, _FINISHED = "fuse.processes.claimed", "fuse.processes.finished"
 
 
 @dataclass(frozen=True)
@@ -36,11 +41,27 @@ class Processes:
         """Whether this process writes the outputs."""
         return self.rank == 0
 
-    def share(self, items: Sequence[Item]) -> list[tuple[int, Item]]:
-        """This process's items with their positions: every world-th, from its rank."""
-        return [
-            (index, item) for index, item in enumerate(items) if index % self.world == self.rank
-        ]
+    def claim(
+        self, items: Sequence[Item], progress: tqdm | None = None
+    ) -> Iterator[tuple[int, Item]]:
+        """The items this process takes, with their positions: each in turn to the first
+        process that asks (the process group's store counts them out), each to one process.
+
+        Args:
+            items: the same sequence on every process.
+            progress: a bar over all the items; it counts every process's finished ones.
+        """
+        if self.world == 1:
+            for position, item in enumerate(items):
+                yield position, item
+                if progress is not None:
+                    progress.update()
+            return
+        store = dist.distributed_c10d._get_default_store()
+        while (position := store.add(_CLAIMED, 1) - 1) < len(items):
+            yield position, items[position]
+            if progress is not None:
+                progress.update(store.add(_FINISHED, 1) - progress.n)
 
     def gather(self, value: Any) -> list[Any] | None:
         """Every process's `value`, in rank order, on the main process; None elsewhere."""

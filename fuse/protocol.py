@@ -28,6 +28,7 @@ from fuse.data import CachedRows, load_cached_rows
 from fuse.exam_model import exam_ids
 from fuse.head import FeatureSource, FittedHead
 from fuse.processes import Processes, start_processes, stop_processes
+from fuse.reuse import Wanted, plan_reuse, reused_fits
 from fuse.schema import (
     CURVES_FILE,
     EVALUATED_SETS,
@@ -140,6 +141,14 @@ class ProtocolConfig(ClinicalSettings, HeadSettings):
         "training mean; swap: a report of the other class) and record each input's "
         "attribution share; the modality analyses of the report read them: "
         + "; ".join(f"{name}: {meaning}" for name, meaning in CONDITIONS.items()),
+    )
+    reuse: str = setting(
+        "",
+        "another protocol run's output folder: each head and probe it fitted on the same "
+        "data with the same settings, model, trial, fold and share is taken from its tables "
+        "instead of fitted again (the label-efficiency run takes its 100% share from the "
+        "main protocol); a head saved into heads is always fitted, and a run that searches "
+        "learning rates takes nothing; empty: fit everything",
     )
     wait_for_lock: float = setting(
         0,
@@ -408,7 +417,9 @@ class _Share:
 
     fitted: list[_Fitted]
     searches: dict[str, list]
-    data: CachedRows | None  # the main process's, for runs.json; not sent between processes
+    # The main process's, for runs.json; not sent between processes.
+    data: CachedRows | None = None
+    identity: dict[str, Any] | None = None
 
 
 def _plan_jobs(config: ProtocolConfig, models: list[ModelSpec], data: CachedRows) -> list[_Job]:
@@ -448,15 +459,22 @@ def _fit_share(
     )
     jobs = _plan_jobs(config, models, data)
     kinds = ("head", "probe") if config.probes else ("head",)
+    identity = _data_identity(config, data) if processes.main or config.reuse else None
+    taken = _plan_reuse(config, jobs, kinds, identity) if config.reuse else {}
+    pending = [
+        (index, job)
+        for index, job in enumerate(jobs)
+        if any((index, kind) not in taken for kind in kinds)
+    ]
     fitted: list[_Fitted] = []
     learning_rate_of: dict[str, float] = {}
     searches: dict[str, list] = {}
     first_job_of: dict[str, int] = {}
     for index, job in enumerate(jobs):
         first_job_of.setdefault(job.model.name, index)
-    share = processes.share(jobs)
     exams = exam_ids(data.table)
-    for index, job in tqdm(share, desc=f"protocol{processes.describe()}", unit="head"):
+    progress = tqdm(total=len(pending), desc=f"protocol{processes.describe()}", unit="job")
+    for _, (index, job) in processes.claim(pending, progress):
         name = job.model.name
         searched = None
         if name not in learning_rate_of:
@@ -471,6 +489,8 @@ def _fit_share(
             else:
                 learning_rate_of[name] = (config.learning_rates or (config.learning_rate,))[0]
         for kind in kinds:
+            if (index, kind) in taken:
+                continue
             started = time.perf_counter()
             head = searched if kind == "head" else None
             if head is None:
@@ -479,11 +499,43 @@ def _fit_share(
             fitted.append(_applied(job, index, kind, head, data, exams, config, started))
             del head
             release_freed_memory()  # a head's copies of the inputs, before the next one
-    gathered = processes.gather(_Share(fitted, searches, None))
+    progress.close()
+    gathered = processes.gather(_Share(fitted, searches))
     if gathered is None:
         return None
-    gathered[0].data = data
+    gathered[0].data, gathered[0].identity = data, identity
+    for (index, kind), fit in reused_fits(
+        config.reuse, taken, config.classes, config.conditions
+    ).items():
+        gathered[0].fitted.append(_Fitted(index, kind, fit.record, fit.frames, fit.curve, None))
     return gathered
+
+
+def _plan_reuse(
+    config: ProtocolConfig, jobs: list[_Job], kinds: tuple[str, ...], identity: dict[str, Any]
+) -> dict[tuple[int, str], dict[str, Any]]:
+    """The fits config.reuse's run already made (fuse.reuse), by (job, kind); a head this
+    run saves is fitted here, as the saved file needs the head itself."""
+    saved = set(config.save_models) if config.heads else set()
+    wanted = [
+        Wanted(
+            index, kind, job.model, job.split.trial, job.split.fold, job.split.seed, job.fraction
+        )
+        for index, job in enumerate(jobs)
+        if job.model.name not in saved
+        for kind in kinds
+    ]
+    taken, reasons = plan_reuse(
+        config.reuse, config_to_dict(config), identity, wanted, config.conditions
+    )
+    for reason in reasons:
+        tqdm.write(reason, file=sys.stderr)
+    tqdm.write(
+        f"taken from {config.reuse}: {len(taken)} of {len(wanted)} fits "
+        "(same data, settings, model, trial, fold and share); the rest are fitted here",
+        file=sys.stderr,
+    )
+    return taken
 
 
 def _applied(
@@ -605,7 +657,7 @@ def _write(
         "learning_rate_search": {
             model.name: searches[model.name] for model in models if model.name in searches
         },
-        "data": _data_identity(config, shares[0].data),
+        "data": shares[0].identity,
         "runs": [item.record for item in fitted],
     }
     (out / RUNS_FILE).write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")

@@ -16,6 +16,7 @@ from collections.abc import Callable
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from scipy.special import expit
 from sklearn.calibration import calibration_curve
 from sklearn.isotonic import IsotonicRegression
 from sklearn.model_selection import GroupKFold
@@ -55,7 +56,7 @@ def _fit_logistic(scores: np.ndarray, labels: np.ndarray, with_intercept: bool) 
     parameters = np.r_[1.0, 0.0][: design.shape[1]]
     current = negative_log_likelihood(parameters)
     for _ in range(NEWTON_STEPS):
-        predicted = 1.0 / (1.0 + np.exp(-(design @ parameters)))
+        predicted = expit(design @ parameters)
         gradient = design.T @ (predicted - labels) / len(labels)
         hessian = (design * (predicted * (1 - predicted))[:, None]).T @ design / len(labels)
         step = np.linalg.solve(hessian + 1e-9 * np.eye(len(parameters)), gradient)
@@ -74,7 +75,7 @@ def _fit_logistic(scores: np.ndarray, labels: np.ndarray, with_intercept: bool) 
         if converged:
             break
     slope, offset = parameters[0], (parameters[1] if with_intercept else 0.0)
-    return lambda new: 1.0 / (1.0 + np.exp(-(slope * _logit(new) + offset)))
+    return lambda new: expit(slope * _logit(new) + offset)
 
 
 def fit_temperature(scores: np.ndarray, labels: np.ndarray) -> Calibrator:

@@ -123,6 +123,21 @@ def test_a_saved_head_loads_as_the_same_head(kind, tmp_path):
     assert not any(name.endswith(".py") for name in tensors)  # tensors only
 
 
+def test_heads_whose_names_hold_a_dot_are_saved_side_by_side(tmp_path):
+    """The protocol names a head on half the training patients trialT-foldF-fraction0.5-KIND:
+    the dot must not be taken for a suffix, or the head and probe overwrite each other."""
+    vectors, labels = separable()
+    for kind in ("head", "probe"):
+        fitted(kind, vectors, labels).save(tmp_path / f"trial0-fold0-fraction0.5-{kind}")
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        f"trial0-fold0-fraction0.5-{kind}{suffix}"
+        for kind in ("head", "probe")
+        for suffix in (".json", ".safetensors")
+    ]
+    loaded = FittedHead.load(tmp_path / "trial0-fold0-fraction0.5-probe.json")
+    assert loaded.kind == "probe"
+
+
 @pytest.mark.parametrize("kind", ["head", "probe"])
 def test_a_head_saved_before_input_selection_still_loads_and_reads_every_input(kind, tmp_path):
     vectors, labels = separable()

@@ -1,5 +1,6 @@
 """The protocol spread over two CPU processes (torchrun) writes what one process writes."""
 
+import io
 import json
 import os
 import subprocess
@@ -9,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 from safetensors.torch import load_file
+from tqdm import tqdm
 
 from fuse.processes import Processes
 from fuse.schema import PREDICTIONS_FILE, RUNS_FILE
@@ -79,8 +81,7 @@ def test_two_processes_write_the_table_one_process_writes(synthetic_cache, tmp_p
         assert first.with_suffix(".json").read_text() == second.with_suffix(".json").read_text()
 
 
-def test_each_process_takes_every_other_job():
-    jobs = list("abcde")
-    shares = [Processes(rank, 2).share(jobs) for rank in (0, 1)]
-    assert shares == [[(0, "a"), (2, "c"), (4, "e")], [(1, "b"), (3, "d")]]
-    assert Processes().share(jobs) == list(enumerate(jobs))
+def test_one_process_takes_every_job_in_order_and_counts_them():
+    progress = tqdm(total=5, file=io.StringIO())
+    assert list(Processes().claim(list("abcde"), progress)) == list(enumerate("abcde"))
+    assert progress.n == 5
