@@ -460,7 +460,7 @@ def _fit_share(
     jobs = _plan_jobs(config, models, data)
     kinds = ("head", "probe") if config.probes else ("head",)
     identity = _data_identity(config, data) if processes.main or config.reuse else None
-    taken = _plan_reuse(config, jobs, kinds, identity) if config.reuse else {}
+    taken = _plan_reuse(config, jobs, kinds, identity, processes.main) if config.reuse else {}
     pending = [
         (index, job)
         for index, job in enumerate(jobs)
@@ -512,10 +512,15 @@ def _fit_share(
 
 
 def _plan_reuse(
-    config: ProtocolConfig, jobs: list[_Job], kinds: tuple[str, ...], identity: dict[str, Any]
+    config: ProtocolConfig,
+    jobs: list[_Job],
+    kinds: tuple[str, ...],
+    identity: dict[str, Any],
+    say: bool,
 ) -> dict[tuple[int, str], dict[str, Any]]:
     """The fits config.reuse's run already made (fuse.reuse), by (job, kind); a head this
-    run saves is fitted here, as the saved file needs the head itself."""
+    run saves is fitted here, as the saved file needs the head itself. `say`: print what
+    is taken and why the rest is not (the main process; every process plans the same)."""
     saved = set(config.save_models) if config.heads else set()
     wanted = [
         Wanted(
@@ -528,13 +533,14 @@ def _plan_reuse(
     taken, reasons = plan_reuse(
         config.reuse, config_to_dict(config), identity, wanted, config.conditions
     )
-    for reason in reasons:
-        tqdm.write(reason, file=sys.stderr)
-    tqdm.write(
-        f"taken from {config.reuse}: {len(taken)} of {len(wanted)} fits "
-        "(same data, settings, model, trial, fold and share); the rest are fitted here",
-        file=sys.stderr,
-    )
+    if say:
+        for reason in reasons:
+            tqdm.write(reason, file=sys.stderr)
+        tqdm.write(
+            f"taken from {config.reuse}: {len(taken)} of {len(wanted)} fits "
+            "(same data, settings, model, trial, fold and share); the rest are fitted here",
+            file=sys.stderr,
+        )
     return taken
 
 
