@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from fuse.schema import (
@@ -172,6 +173,16 @@ def plan_reuse(
     return taken, list(reasons.values())
 
 
+# The columns naming one fit in the predictions table and in the curves (heads only).
+_ROW_KEYS = ("model", "head", "trial", "fold", "fraction")
+_CURVE_KEYS = ("model", "trial", "fold", "fraction")
+
+
+def _of_fit(frame: pd.DataFrame, record: Mapping[str, Any], keys: Sequence[str]) -> pd.DataFrame:
+    selected = np.logical_and.reduce([frame[key].to_numpy() == record[key] for key in keys])
+    return frame[selected]
+
+
 def _without_empty(frame: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
     # The other run's table holds the columns of all its models (a clinical model's
     # attribution, say); a fit made here writes only its own.
@@ -193,14 +204,7 @@ def reused_fits(
     attributions = [column for column in predictions if column.startswith(attribution_column(""))]
     fits: dict[tuple[int, str], Reused] = {}
     for key, record in taken.items():
-        selected = (
-            (predictions["model"] == record["model"])
-            & (predictions["head"] == record["head"])
-            & (predictions["trial"] == record["trial"])
-            & (predictions["fold"] == record["fold"])
-            & (predictions["fraction"] == record["fraction"])
-        )
-        rows = _without_empty(predictions[selected], attributions)
+        rows = _without_empty(_of_fit(predictions, record, _ROW_KEYS), attributions)
         # Observed rows first, then each condition's, as a fit made here writes them.
         frames = [rows[rows[CONDITION_COLUMN] == OBSERVED].reset_index(drop=True)]
         for condition in dict.fromkeys(rows[CONDITION_COLUMN]):
@@ -208,12 +212,7 @@ def reused_fits(
                 frames.append(rows[rows[CONDITION_COLUMN] == condition].reset_index(drop=True))
         curve = None
         if record["head"] == "head":
-            curve = curves[
-                (curves["model"] == record["model"])
-                & (curves["trial"] == record["trial"])
-                & (curves["fold"] == record["fold"])
-                & (curves["fraction"] == record["fraction"])
-            ]
+            curve = _of_fit(curves, record, _CURVE_KEYS)
             curve = _without_empty(curve, list(curve.columns))
         fits[key] = Reused({**record, REUSED_FROM: str(folder)}, frames, curve)
     return fits
