@@ -4,7 +4,9 @@ Everything a step touches is already a tensor in memory: a batch is an index int
 row-aligned matrices, so there is no per-sample Python, no DataLoader and no copy of the
 data set per epoch. AdamW runs fused; on a CPU with bf16 units, matrix products run in
 bfloat16 under autocast with float32 master weights, optimizer state and losses
-(`precision` chooses; elsewhere everything is float32).
+(`precision` chooses; elsewhere everything is float32). A large bf16 head (the paper's
+widths) trains on a bfloat16 working copy of its weights instead, updated with the master
+weights in one compiled pass (fuse.fused_update), which saves autocast's casts.
 """
 
 from __future__ import annotations
@@ -13,13 +15,14 @@ import contextlib
 import ctypes
 import functools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 
+from fuse.fused_update import FusedBF16AdamW, fused_update_pays
 from fuse.losses import nt_xent
 from fuse.model import FusionHead
 from pipeline.config import check_declared, setting
@@ -242,14 +245,15 @@ def predict_proba(model: FusionHead, inputs: Sequence[torch.Tensor], precision: 
 
 
 def training_loss(
-    model: FusionHead,
+    forward: Callable[[Sequence[torch.Tensor]], tuple],
     inputs: Sequence[torch.Tensor],
     labels: torch.Tensor,
     report_groups: torch.Tensor,
     settings: HeadSettings,
 ) -> torch.Tensor:
-    """Cross-entropy + contrastive_weight x NT-Xent (when the head has contrastive outputs)."""
-    logits, embeddings = model(inputs)
+    """Cross-entropy + contrastive_weight x NT-Xent (when the head has contrastive outputs);
+    `forward` is the head, or the head on other weights (FusedBF16AdamW.forward)."""
+    logits, embeddings = forward(inputs)
     loss = F.cross_entropy(logits.float(), labels)
     if embeddings is not None and settings.contrastive_weight:
         image_embedding, text_embedding = (embedding.float() for embedding in embeddings)
@@ -393,12 +397,19 @@ def train_head(
     dropout_generator = torch.Generator().manual_seed(seed + 1)
     variants = input_variants(len(inputs), settings)
     num_classes = model.classifier[-1].out_features
-    optimizer = torch.optim.AdamW(
-        model.parameters(),
-        lr=settings.learning_rate,
-        weight_decay=settings.weight_decay,
-        fused=True,
-    )
+    if fused_update_pays(model, settings.precision):
+        optimizer = FusedBF16AdamW(
+            model, lr=settings.learning_rate, weight_decay=settings.weight_decay
+        )
+        forward = optimizer.forward
+    else:
+        optimizer = torch.optim.AdamW(
+            model.parameters(),
+            lr=settings.learning_rate,
+            weight_decay=settings.weight_decay,
+            fused=True,
+        )
+        forward = model
     steps_per_epoch = math.ceil(len(train_rows) / settings.batch_size)
     total_steps = steps_per_epoch * settings.epochs
     warmup_steps = max(1, steps_per_epoch * settings.warmup_epochs)
@@ -419,7 +430,7 @@ def train_head(
             # every forward of the epoch on the weights it started with.
             with autocast(settings.precision):
                 loss = training_loss(
-                    model,
+                    forward,
                     modality_dropped(
                         [x[batch] for x in train_inputs],
                         absent,
@@ -454,6 +465,8 @@ def train_head(
             best_state = {name: value.clone() for name, value in model.state_dict().items()}
         elif best is not None and settings.patience and epoch - best["epoch"] >= settings.patience:
             break
+    if isinstance(optimizer, FusedBF16AdamW):
+        optimizer.release()
     if best is None:
         return TrainedHead(
             model=model,

@@ -1,0 +1,184 @@
+"""AdamW on bfloat16 working weights over float32 master weights, in one pass over memory.
+
+Under CPU bfloat16 autocast a training step casts every float32 weight to bfloat16 for the
+forward, casts every bfloat16 weight gradient back to float32, and fused AdamW then reads
+and writes the float32 weights and both moments: about 44 bytes moved per parameter and
+step, where the optimizer alone needs 28. On a head of the paper's shape (11M parameters)
+the step is memory-bound, so the extra passes are its largest waste.
+
+Here the master weights, the moments, the bfloat16 working copy and the bfloat16 gradients
+are each one flat buffer. One compiled kernel (torch.compile, Inductor's C++ backend)
+reads the bfloat16 gradient, updates the master weights and moments as torch's AdamW does
+(decoupled weight decay, bias-corrected moments), and writes the new working copy in the
+same pass; the forward reads the working copy through torch.func.functional_call, so the
+model's own parameters stay the float32 master weights that selection snapshots and a
+saved head stores. Where compiling fails (no C++ compiler), the same update runs eagerly:
+slower, equal in result.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+# A compile costs about 3 s per process with Inductor's cache warm and 20 s cold; the fused
+# pass saves about 6 ms a step on an 11M-parameter head but under 1 ms on the demo's 2M
+# ones (bench/fuse_cpu.py; README, Speed), so smaller heads keep autocast and fused AdamW.
+FUSED_UPDATE_MIN_PARAMETERS = 4_000_000
+
+
+def fused_update_pays(model: nn.Module, precision: str) -> bool:
+    """Whether `model` trains faster with FusedBF16AdamW than with autocast and AdamW."""
+    parameters = sum(parameter.numel() for parameter in model.parameters())
+    return precision == "bf16" and parameters >= FUSED_UPDATE_MIN_PARAMETERS
+
+
+def adamw_update(
+    master: torch.Tensor,
+    first_moment: torch.Tensor,
+    second_moment: torch.Tensor,
+    gradient: torch.Tensor,
+    working: torch.Tensor,
+    decay_factor: torch.Tensor,
+    step_size: torch.Tensor,
+    second_correction_root: torch.Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+) -> None:
+    """One AdamW step on flat buffers, in place, as torch.optim.AdamW computes it.
+
+    decay_factor is 1 - lr x weight_decay, step_size lr / (1 - beta1^t) and
+    second_correction_root sqrt(1 - beta2^t): 0-d tensors, so that a compiled kernel
+    takes a new learning rate without compiling again.
+    """
+    grad = gradient.float()
+    master.mul_(decay_factor)
+    first_moment.lerp_(grad, 1 - beta1)
+    second_moment.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    denominator = second_moment.sqrt() / second_correction_root + eps
+    master.sub_(step_size * first_moment / denominator)
+    working.copy_(master)
+
+
+class _Kernel:
+    """The compiled update; the eager one for good once compiling has failed (said once)."""
+
+    def __init__(self) -> None:
+        self._compiled: Callable[..., None] | None = None
+        self._eager = False
+
+    def __call__(self, *arguments) -> None:
+        if not self._eager:
+            try:
+                if self._compiled is None:
+                    self._compiled = torch.compile(adamw_update, dynamic=True, fullgraph=True)
+                self._compiled(*arguments)
+                return
+            except Exception as error:  # noqa: BLE001 - compile errors share no base class
+                warnings.warn(
+                    f"fuse: the fused bf16 AdamW update could not be compiled "
+                    f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
+                    "it runs uncompiled, equal in result and slower",
+                    stacklevel=3,
+                )
+                self._eager = True
+        adamw_update(*arguments)
+
+
+_KERNEL = _Kernel()
+
+
+class FusedBF16AdamW(torch.optim.Optimizer):
+    """AdamW whose step is one fused pass over flat float32 master weights and moments,
+    reading bfloat16 gradients and writing the bfloat16 working copy the forward uses.
+
+    The model's parameters become views of the flat master buffer (float32, as before);
+    `forward` runs the model on the bfloat16 working copy, and `step` follows a backward
+    of its output. `release` gives the parameters their own storage again.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float,
+        weight_decay: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+    ) -> None:
+        self._model = model
+        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        self._names = [name for name, _ in named]
+        master = torch.cat([p.detach().float().reshape(-1) for _, p in named])
+        self._master = nn.Parameter(master)
+        super().__init__(
+            [self._master], {"lr": lr, "weight_decay": weight_decay, "betas": betas, "eps": eps}
+        )
+        self._working = master.to(torch.bfloat16)
+        self._gradient = torch.empty_like(self._working)
+        self._first_moment = torch.zeros_like(master)
+        self._second_moment = torch.zeros_like(master)
+        self._steps = 0
+        self._working_leaves: list[torch.Tensor] = []
+        self._gradient_views: list[torch.Tensor] = []
+        start = 0
+        for _, parameter in named:
+            end = start + parameter.numel()
+            parameter.data = self._master.data[start:end].view_as(parameter)
+            self._working_leaves.append(
+                self._working[start:end].view_as(parameter).requires_grad_()
+            )
+            self._gradient_views.append(self._gradient[start:end].view_as(parameter))
+            start = end
+
+    def forward(self, *inputs):
+        """The model's output on `inputs`, computed with the bfloat16 working weights."""
+        weights = dict(zip(self._names, self._working_leaves, strict=True))
+        return torch.func.functional_call(self._model, weights, inputs)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drop the working weights' gradients (each backward allocates new ones)."""
+        for leaf in self._working_leaves:
+            leaf.grad = None
+
+    @torch.no_grad()
+    def step(self, closure: None = None) -> None:
+        """Update master weights, moments and working copy from the last backward."""
+        present = []
+        for view, leaf in zip(self._gradient_views, self._working_leaves, strict=True):
+            if leaf.grad is None:
+                # An output the loss does not read (NT-Xent's maps when its weight is 0):
+                # a zero gradient, on which AdamW only decays the weight.
+                view.zero_()
+            else:
+                present.append((view, leaf.grad))
+        torch._foreach_copy_([view for view, _ in present], [grad for _, grad in present])
+        group = self.param_groups[0]
+        beta1, beta2 = group["betas"]
+        self._steps += 1
+        lr = group["lr"]
+        scalars = (
+            torch.tensor(1 - lr * group["weight_decay"]),
+            torch.tensor(lr / (1 - beta1**self._steps)),
+            torch.tensor((1 - beta2**self._steps) ** 0.5),
+        )
+        _KERNEL(
+            self._master.data,
+            self._first_moment,
+            self._second_moment,
+            self._gradient,
+            self._working,
+            *scalars,
+            beta1,
+            beta2,
+            group["eps"],
+        )
+
+    def release(self) -> None:
+        """Give every model parameter its own float32 storage (a saved head's tensors must
+        not share memory), leaving this optimizer unusable."""
+        for parameter in self._model.parameters():
+            parameter.data = parameter.data.clone()
