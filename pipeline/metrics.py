@@ -253,19 +253,24 @@ def weighted_auc(
     order = np.argsort(scores, kind="stable")
     scores, positive = scores[order], positive[order]
     weights = np.asarray(weights, dtype=float)[:, order]
-    negative_weights = weights * ~positive
-    below_or_tied = np.cumsum(negative_weights, axis=1)
-    # each run of tied scores: negatives strictly below it, and the negatives inside it
+    # negatives_before[:, k]: the negatives' weight in sorted places 0 .. k-1. A positive
+    # wins over the negatives below its run of tied scores and half of those inside it:
+    # half of (negatives before its run + negatives before the next run).
+    negatives_before = np.zeros((len(weights), len(scores) + 1))
+    np.cumsum(weights * ~positive, axis=1, out=negatives_before[:, 1:])
     starts_run = np.r_[True, scores[1:] != scores[:-1]]
-    run_of = np.cumsum(starts_run) - 1
-    run_ends = np.r_[np.flatnonzero(starts_run)[1:], len(scores)] - 1
-    through_run = below_or_tied[:, run_ends][:, run_of]
     run_starts = np.flatnonzero(starts_run)
-    before_run = (below_or_tied - negative_weights)[:, run_starts][:, run_of]
-    tied = through_run - before_run
-    wins = (weights * positive * (before_run + 0.5 * tied)).sum(axis=1)
-    total_positive = (weights * positive).sum(axis=1)
-    total_negative = negative_weights.sum(axis=1)
+    run_of = np.cumsum(starts_run) - 1
+    next_run_starts = np.r_[run_starts[1:], len(scores)]
+    runs = run_of[positive]
+    positive_weights = weights[:, positive]
+    wins = 0.5 * np.einsum(
+        "rp,rp->r",
+        positive_weights,
+        negatives_before[:, run_starts[runs]] + negatives_before[:, next_run_starts[runs]],
+    )
+    total_positive = positive_weights.sum(axis=1)
+    total_negative = negatives_before[:, -1]
     with np.errstate(invalid="ignore", divide="ignore"):
         auc = wins / (total_positive * total_negative)
     return np.where((total_positive > 0) & (total_negative > 0), auc, np.nan)
