@@ -107,7 +107,12 @@ def decode_image(path: Path, data: bytes | None = None) -> Image.Image:
 
 @dataclass(frozen=True)
 class ImageTransform:
-    """PIL image -> float32 tensor [3, size, size] (a dataclass: DataLoader workers pickle it)."""
+    """PIL image -> float32 tensor [3, size, size] (a dataclass: DataLoader workers pickle it).
+
+    In two steps: `pixels` resizes and crops (uint8, what a DataLoader worker sends: a
+    quarter of the float32 tensor's bytes through shared memory), `normalise` scales a
+    batch of them where the encoder runs.
+    """
 
     image_size: int  # pixels per side after a square resize, or of the shorter side
     mean: tuple[float, float, float]  # per RGB channel, on the [0, 1] scale
@@ -117,6 +122,10 @@ class ImageTransform:
     crop_size: int = 0  # side of the centre crop after resizing; 0: no crop
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self.normalise(self.pixels(image))
+
+    def pixels(self, image: Image.Image) -> torch.Tensor:
+        """The image resized (and cropped) as the encoder sees it: uint8 [3, size, size]."""
         image = to_rgb(image)
         if self.resize == "square":
             size = (self.image_size, self.image_size)
@@ -133,13 +142,15 @@ class ImageTransform:
             width, height = resized.size
             left, top = (width - self.crop_size) // 2, (height - self.crop_size) // 2
             resized = resized.crop((left, top, left + self.crop_size, top + self.crop_size))
-        channels_first = np.asarray(resized, dtype=np.float32).transpose(2, 0, 1)
-        # (pixel / 255 - mean) / std as one multiply-add: decoding is the bottleneck on a CPU.
+        return torch.from_numpy(np.ascontiguousarray(np.asarray(resized).transpose(2, 0, 1)))
+
+    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels [..., 3, H, W] -> float32 (pixel / 255 - mean) / std, on their device."""
+        # One multiply and one add, each rounded in float32: the same values on every device.
         mean, std = np.asarray(self.mean, np.float32), np.asarray(self.std, np.float32)
-        scale, offset = (1 / (255 * std))[:, None, None], (-mean / std)[:, None, None]
-        normalised = np.multiply(channels_first, scale, dtype=np.float32, order="C")
-        normalised += offset
-        return torch.from_numpy(normalised)
+        scale = torch.from_numpy(1 / (255 * std))[:, None, None].to(pixels.device)
+        offset = torch.from_numpy(-mean / std)[:, None, None].to(pixels.device)
+        return pixels.float().mul_(scale).add_(offset)
 
 
 def image_transform(preprocessing: Mapping[str, Any]) -> ImageTransform:
@@ -214,11 +225,11 @@ def preprocessing_from_folder(folder: Path) -> dict[str, Any]:
 
 
 class DecodedImages(Dataset):
-    """Per index an image file decoded once and transformed by each transform it needs
-    (in DataLoader workers when asked): one decoding feeds every encoder of a pass.
+    """Per index an image file decoded once and resized by each transform it needs (in
+    DataLoader workers when asked): one decoding feeds every encoder of a pass.
 
-    An item is {transform index: float32 tensor [3, size, size]}, or with `texts` the
-    pair (that, its text).
+    An item is {transform index: uint8 tensor [3, size, size]} (ImageTransform.pixels;
+    its `normalise` makes the encoder's input), or with `texts` the pair (that, its text).
     """
 
     def __init__(
@@ -252,7 +263,7 @@ class DecodedImages(Dataset):
         try:
             held = self.held.get(path)
             image = held if isinstance(held, Image.Image) else decode_image(path, held)
-            pixels = {which: self.transforms[which](image) for which in wanted}
+            pixels = {which: self.transforms[which].pixels(image) for which in wanted}
         except (OSError, SyntaxError, ValueError, EOFError) as error:
             raise UserError(f"cannot decode image {path}: {error}") from None
         return pixels if self.texts is None else (pixels, self.texts[index])

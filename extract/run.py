@@ -58,6 +58,7 @@ from pipeline.errors import UserError
 from pipeline.keys import file_key
 from pipeline.lock import output_lock
 from pipeline.manifest import load_manifest
+from pipeline.memory import reuse_freed_memory
 
 LONG_REPORT_COUNTS = ("truncated_reports", "windowed_reports")  # of Encoder.run_record
 
@@ -111,6 +112,7 @@ def run(config: ExtractConfig) -> Path:
     if modality != "text":
         check_image_files(table, config.manifest, image_root, config.strict)
     state = process_state(config.device)
+    reuse_freed_memory()  # each batch frees and allocates the same activations again
     with ExitStack() as held:
 
         def lock_every_output() -> None:

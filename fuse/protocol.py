@@ -36,11 +36,7 @@ from fuse.schema import (
     RUNS_FILE,
     prediction_rows,
 )
-from fuse.train import (
-    HeadSettings,
-    check_settings,
-    release_freed_memory,
-)
+from fuse.train import HeadSettings, check_settings
 from fuse.zoo import FROZEN_NOTE, ModelSpec, protocol_models, select_models
 from pipeline.atomic import atomic_folder
 from pipeline.clinical import ClinicalColumns, ClinicalSettings
@@ -48,6 +44,7 @@ from pipeline.config import config_to_dict, require_paths, setting
 from pipeline.errors import UserError
 from pipeline.keys import file_key
 from pipeline.lock import output_lock
+from pipeline.memory import release_freed_memory
 from pipeline.splits import SPLIT_MODES, TrialSplit, labelled_subset, plan_trials
 
 OUTPUT_FILES = (PREDICTIONS_FILE, RUNS_FILE, CURVES_FILE)

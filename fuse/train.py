@@ -12,8 +12,6 @@ weights in one compiled pass (fuse.fused_update), which saves autocast's casts.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -28,9 +26,9 @@ from fuse.model import FusionHead
 from pipeline.config import check_declared, setting
 from pipeline.errors import UserError
 from pipeline.hardware import cpu_bf16_is_fast
+from pipeline.memory import reuse_freed_memory
 from pipeline.metrics import roc_auc
 
-_MALLOPT_TRIM_THRESHOLD, _MALLOPT_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 SELECTION_CRITERIA = ("val_loss", "val_auc")
 PRECISIONS = ("auto", "bf16", "fp32")
 _PREDICT_CHUNK_ROWS = 4096
@@ -147,41 +145,6 @@ def check_settings(settings: HeadSettings) -> None:
             f"--warmup-epochs is {settings.warmup_epochs} and --epochs {settings.epochs}: "
             "only epochs after warm-up can be kept, so give more epochs than warm-up epochs"
         )
-
-
-@functools.cache
-def _glibc() -> ctypes.CDLL | None:
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
-
-
-def reuse_freed_memory() -> None:
-    """Ask glibc to keep freed blocks for reuse instead of returning them to the system.
-
-    Every step allocates and frees the same tensors (a bfloat16 copy of each weight, each
-    gradient). By default glibc serves the large ones with fresh mmap pages, and faulting
-    those in costs more than the report projector's matrix products (bench/fuse_cpu.py:
-    about 34 -> 29 ms a step at the paper's shape). Elsewhere than glibc this does nothing.
-    """
-    libc = _glibc()
-    if libc:
-        libc.mallopt(_MALLOPT_MMAP_THRESHOLD, 1 << 30)
-        libc.mallopt(_MALLOPT_TRIM_THRESHOLD, 1 << 30)
-
-
-def release_freed_memory() -> None:
-    """Give the heap's free pages back to the system (glibc's malloc_trim).
-
-    reuse_freed_memory keeps freed blocks for the next step; once a head is trained and
-    dropped they would otherwise stay resident, and a protocol of many heads and probes
-    grows to several GB.
-    Elsewhere than glibc this does nothing.
-    """
-    libc = _glibc()
-    if libc:
-        libc.malloc_trim(0)
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:

@@ -20,8 +20,10 @@ TRANSFORM = image_transform(
 
 
 def tensor_of(path: Path) -> torch.Tensor:
-    tensor = DecodedImages([path], [TRANSFORM])[0][0]
-    assert tensor.shape == (3, SIZE, SIZE) and tensor.dtype == torch.float32
+    pixels = DecodedImages([path], [TRANSFORM])[0][0]
+    assert pixels.shape == (3, SIZE, SIZE) and pixels.dtype == torch.uint8
+    tensor = TRANSFORM.normalise(pixels[None])[0]
+    assert tensor.dtype == torch.float32
     return tensor
 
 
