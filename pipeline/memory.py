@@ -3,10 +3,10 @@
 PyTorch's CPU tensors come from malloc. glibc serves every block above its mmap threshold
 (128 KiB at first) with fresh pages from the kernel and unmaps them when freed, so a loop
 that allocates and frees the same large tensors each iteration (activations of an encoder
-batch, a head's gradients) pays a page fault and zero-fill for every page, every time: on
-a 2-core machine, `python -m extract` over the demo's images spent 77 of its 179 CPU
-seconds in the kernel and 6 with the blocks kept; a paper-shape head step took 34 ms
-against 29 (bench/fuse_cpu.py). Elsewhere than glibc these do nothing.
+batch, a head's gradients) pays a page fault and zero-fill for every page, every time. On
+a 2-core machine, `python -m extract --num-workers 0` over the demo's images spent 77 of
+its 179 CPU seconds in the kernel, and 6 with the blocks kept; a paper-shape head step
+took 34 ms against 29 (bench/fuse_cpu.py). Elsewhere than glibc these do nothing.
 """
 
 from __future__ import annotations
