@@ -126,7 +126,9 @@ def _loaded_batches(
     )
 
 
-def _group_input(loaded: Any, modality: str, prepared: _Prepared, group: int, device) -> Any:
+def _group_input(
+    loaded: Any, modality: str, prepared: _Prepared, group: int, device: torch.device
+) -> Any:
     """Forward group `group`'s input from a loaded batch: texts as they are; its transform's
     uint8 pixels normalised on the encoder's device (a GPU receives a quarter of the bytes)."""
     if modality == "text":

@@ -24,9 +24,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-# A compile costs about 3 s per process with Inductor's cache warm and 20 s cold; the fused
-# pass saves about 6 ms a step on an 11M-parameter head but under 1 ms on the demo's 2M
-# ones (bench/fuse_cpu.py; README, Speed), so smaller heads keep autocast and fused AdamW.
+# A compile costs about 3 s per process with Inductor's cache warm and 13-20 s cold; the
+# fused pass saved 3 ms of 24 a step on an 11M-parameter head (2 threads) but under 1 ms on
+# the demo's 2M ones (9.8 -> 9.1 ms on one core), so smaller heads keep autocast and fused
+# AdamW (README, "Defaults, and why": precision).
 FUSED_UPDATE_MIN_PARAMETERS = 4_000_000
 
 
