@@ -7,7 +7,9 @@ step, where the optimizer alone needs 28. On a head of the paper's shape (11M pa
 the step is memory-bound, so the extra passes are its largest waste.
 
 Here the master weights, the moments, the bfloat16 working copy and the bfloat16 gradients
-are each one flat buffer. One compiled kernel (torch.compile, Inductor's C++ backend)
+are each one flat buffer. A Dense layer's backward writes its weight and bias gradients
+straight into their views of the gradient buffer (`addmm_into_slots`), so no pass gathers
+them there. One compiled kernel (torch.compile, Inductor's C++ backend)
 reads the bfloat16 gradient, updates the master weights and moments as torch's AdamW does
 (decoupled weight decay, bias-corrected moments), and writes the new working copy in the
 same pass; the forward reads the working copy through torch.func.functional_call, so the
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -65,6 +68,56 @@ def adamw_update(
     working.copy_(master)
 
 
+@dataclass
+class GradientSlot:
+    """Where the gradient of one working weight goes: its view of the flat gradient buffer,
+    and whether this step's backward has written it yet."""
+
+    buffer: torch.Tensor
+    written: bool = False
+
+    def take(self, gradient: torch.Tensor) -> None:
+        """Write `gradient`, or add it if the weight was used more than once this step."""
+        if self.written:
+            self.buffer.add_(gradient)
+        else:
+            self.buffer.copy_(gradient)
+            self.written = True
+
+
+class _AddmmIntoSlots(torch.autograd.Function):
+    """bias + inputs @ weight whose backward puts the weight's and bias's gradients in their
+    slots rather than returning them: autograd would allocate each one and the optimizer
+    would then copy it into the flat buffer, a pass over every gradient per step."""
+
+    @staticmethod
+    def forward(ctx, bias, inputs, weight, bias_slot, weight_slot):
+        inputs = inputs.to(weight.dtype)  # what autocast would give the product
+        ctx.save_for_backward(inputs, weight)
+        ctx.slots = bias_slot, weight_slot
+        return torch.addmm(bias, inputs, weight)
+
+    @staticmethod
+    def backward(ctx, output_gradient):
+        inputs, weight = ctx.saved_tensors
+        bias_slot, weight_slot = ctx.slots
+        output_gradient = output_gradient.to(weight.dtype)
+        if weight_slot.written:  # a weight used twice: the sum, as autograd rounds it
+            weight_slot.buffer.add_(inputs.t() @ output_gradient)
+        else:
+            torch.mm(inputs.t(), output_gradient, out=weight_slot.buffer)
+            weight_slot.written = True
+        bias_slot.take(output_gradient.sum(dim=0))
+        input_gradient = output_gradient @ weight.t() if ctx.needs_input_grad[1] else None
+        return None, input_gradient, None, None, None
+
+
+def addmm_into_slots(bias: torch.Tensor, inputs: torch.Tensor, weight: torch.Tensor):
+    """torch.addmm(bias, inputs, weight) for working weights that carry a `gradient_slot`
+    (FusedBF16AdamW's): the backward writes their gradients into the flat buffer."""
+    return _AddmmIntoSlots.apply(bias, inputs, weight, bias.gradient_slot, weight.gradient_slot)
+
+
 class _Kernel:
     """The compiled update; the eager one for good once compiling has failed (said once)."""
 
@@ -99,7 +152,10 @@ class FusedBF16AdamW(torch.optim.Optimizer):
 
     The model's parameters become views of the flat master buffer (float32, as before);
     `forward` runs the model on the bfloat16 working copy, and `step` follows a backward
-    of its output. `release` gives the parameters their own storage again.
+    of its output. Each working weight carries a `gradient_slot`, its view of the flat
+    gradient buffer, which fuse.model.Dense's backward writes into directly; a gradient
+    that autograd returns instead (a weight outside a Dense layer) is copied there by
+    `step`. `release` gives the parameters their own storage again.
     """
 
     def __init__(
@@ -124,15 +180,15 @@ class FusedBF16AdamW(torch.optim.Optimizer):
         self._second_moment = torch.zeros_like(master)
         self._steps = 0
         self._working_leaves: list[torch.Tensor] = []
-        self._gradient_views: list[torch.Tensor] = []
+        self._slots: list[GradientSlot] = []
         start = 0
         for _, parameter in named:
             end = start + parameter.numel()
             parameter.data = self._master.data[start:end].view_as(parameter)
-            self._working_leaves.append(
-                self._working[start:end].view_as(parameter).requires_grad_()
-            )
-            self._gradient_views.append(self._gradient[start:end].view_as(parameter))
+            leaf = self._working[start:end].view_as(parameter).requires_grad_()
+            leaf.gradient_slot = GradientSlot(self._gradient[start:end].view_as(parameter))
+            self._working_leaves.append(leaf)
+            self._slots.append(leaf.gradient_slot)
             start = end
 
     def forward(self, *inputs):
@@ -141,22 +197,21 @@ class FusedBF16AdamW(torch.optim.Optimizer):
         return torch.func.functional_call(self._model, weights, inputs)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Drop the working weights' gradients (each backward allocates new ones)."""
-        for leaf in self._working_leaves:
+        """Forget the last backward's gradients (the next one writes or allocates anew)."""
+        for leaf, slot in zip(self._working_leaves, self._slots, strict=True):
             leaf.grad = None
+            slot.written = False
 
     @torch.no_grad()
     def step(self, closure: None = None) -> None:
         """Update master weights, moments and working copy from the last backward."""
-        present = []
-        for view, leaf in zip(self._gradient_views, self._working_leaves, strict=True):
-            if leaf.grad is None:
+        for leaf, slot in zip(self._working_leaves, self._slots, strict=True):
+            if leaf.grad is not None:
+                slot.take(leaf.grad)
+            elif not slot.written:
                 # An output the loss does not read (NT-Xent's maps when its weight is 0):
                 # a zero gradient, on which AdamW only decays the weight.
-                view.zero_()
-            else:
-                present.append((view, leaf.grad))
-        torch._foreach_copy_([view for view, _ in present], [grad for _, grad in present])
+                slot.buffer.zero_()
         group = self.param_groups[0]
         beta1, beta2 = group["betas"]
         self._steps += 1

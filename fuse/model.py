@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from fuse.fused_update import addmm_into_slots
+
 
 class Dense(nn.Module):
     """A fully connected layer, y = x @ weight + bias, with `weight` stored [in, out].
@@ -28,6 +30,8 @@ class Dense(nn.Module):
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         """inputs [N, in] -> [N, out]."""
+        if hasattr(self.weight, "gradient_slot"):
+            return addmm_into_slots(self.bias, inputs, self.weight)
         return torch.addmm(self.bias, inputs, self.weight)
 
 

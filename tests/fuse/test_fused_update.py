@@ -4,9 +4,11 @@ import warnings
 
 import pytest
 import torch
+from torch import nn
 
 from fuse import fused_update
 from fuse.fused_update import FusedBF16AdamW
+from fuse.model import Dense
 from fuse.train import HeadSettings, autocast, train_head, training_loss
 from tests.fuse.test_train import head, noisy_data
 
@@ -28,7 +30,7 @@ def test_each_step_is_torch_adamws_on_the_same_gradients():
         fused.zero_grad()
         _loss(fused.forward, seed=step).backward()
         # The reference takes the bf16 gradients the fused step read, as float32.
-        gradients = [leaf.grad.float() for leaf in fused._working_leaves]
+        gradients = [slot.buffer.float() for slot in fused._slots]
         fused.step()
         for parameter, gradient in zip(reference_model.parameters(), gradients, strict=True):
             parameter.grad = gradient
@@ -41,6 +43,45 @@ def test_each_step_is_torch_adamws_on_the_same_gradients():
         working = dict(zip(fused._names, fused._working_leaves, strict=True))
         for name, parameter in fused_model.named_parameters():
             assert torch.equal(working[name], parameter.detach().to(torch.bfloat16)), name
+
+
+class _Reused(nn.Module):
+    """A Dense layer applied twice, then a weight outside any Dense layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dense = Dense(6, 6)
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 6))
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.dense(torch.relu(self.dense(inputs)))) * self.scale
+
+
+@pytest.mark.parametrize("network", [head, _Reused], ids=["head", "reused-dense"])
+def test_the_backward_writes_autograds_gradients_into_the_flat_buffer(network):
+    torch.manual_seed(0)
+    model = network()
+    fused = FusedBF16AdamW(model, lr=0.01, weight_decay=0.1)
+
+    def loss(forward) -> torch.Tensor:
+        torch.manual_seed(1)  # the same dropout masks
+        if network is head:
+            return _loss(forward, seed=0)
+        return forward(torch.randn(5, 6, dtype=torch.bfloat16)).float().square().sum()
+
+    for _ in range(2):  # the second backward overwrites the first one's gradients
+        plain = {
+            name: leaf.detach().clone().requires_grad_()
+            for name, leaf in zip(fused._names, fused._working_leaves, strict=True)
+        }
+        fused.zero_grad()
+        loss(fused.forward).backward()
+        fused.step()  # takes the gradients autograd returned, zeroes unread ones
+    written = {name: slot.buffer for name, slot in zip(fused._names, fused._slots, strict=True)}
+    loss(lambda *inputs: torch.func.functional_call(model, plain, inputs)).backward()
+    for name, leaf in plain.items():
+        expected = torch.zeros_like(leaf) if leaf.grad is None else leaf.grad
+        torch.testing.assert_close(written[name], expected, rtol=0, atol=0, msg=name)
 
 
 @pytest.fixture
