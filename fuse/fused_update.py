@@ -32,6 +32,12 @@ from torch import nn
 # the demo's 2M ones (9.8 -> 9.1 ms on one core), so smaller heads keep autocast and fused
 # AdamW (README, "Defaults, and why": precision).
 FUSED_UPDATE_MIN_PARAMETERS = 4_000_000
+# A weight gradient inputs^T @ output_gradient runs faster from a transposed copy of the
+# inputs when the product is wide: the copy is one pass over the batch's inputs, and it
+# pays back over the output's columns. On a 2-core AMX Xeon the 4096 x 2048 text
+# projector's gradient took 1.6 ms from the strided inputs and 1.1 ms + 0.1 ms for the
+# copy; at 512 or 256 columns the copy cost more than it saved.
+TRANSPOSED_COPY_MIN_COLUMNS = 1024
 
 
 def fused_update_pays(model: nn.Module, precision: str) -> bool:
@@ -105,7 +111,10 @@ class _AddmmIntoSlots(torch.autograd.Function):
         if weight_slot.written:  # a weight used twice: the sum, as autograd rounds it
             weight_slot.buffer.add_(inputs.t() @ output_gradient)
         else:
-            torch.mm(inputs.t(), output_gradient, out=weight_slot.buffer)
+            transposed = inputs.t()
+            if weight.shape[1] >= TRANSPOSED_COPY_MIN_COLUMNS:
+                transposed = transposed.contiguous()
+            torch.mm(transposed, output_gradient, out=weight_slot.buffer)
             weight_slot.written = True
         bias_slot.take(output_gradient.sum(dim=0))
         input_gradient = output_gradient @ weight.t() if ctx.needs_input_grad[1] else None

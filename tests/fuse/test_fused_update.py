@@ -46,15 +46,17 @@ def test_each_step_is_torch_adamws_on_the_same_gradients():
 
 
 class _Reused(nn.Module):
-    """A Dense layer applied twice, then a weight outside any Dense layer."""
+    """A Dense layer applied twice, then a weight outside any Dense layer, then a layer wide
+    enough that its weight gradient is taken from a transposed copy of its inputs."""
 
     def __init__(self) -> None:
         super().__init__()
         self.dense = Dense(6, 6)
         self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 6))
+        self.wide = Dense(6, fused_update.TRANSPOSED_COPY_MIN_COLUMNS)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.dense(torch.relu(self.dense(inputs)))) * self.scale
+        return self.wide(torch.relu(self.dense(torch.relu(self.dense(inputs)))) * self.scale)
 
 
 @pytest.mark.parametrize("network", [head, _Reused], ids=["head", "reused-dense"])
