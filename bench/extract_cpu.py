@@ -19,7 +19,10 @@ by side:
    items, over the seconds spent inside its forward) against a plain matmul of its MLP's shape
    measured in this run, in float32 and (with bf16 units) bfloat16: the faster one is this
    machine's ceiling;
-4. the padding share of the text batches.
+4. the padding share of the text batches;
+5. where one batch's forward spends its time, in the precision extract uses: matrix
+   products, attention, normalisation, activations, copies, other operators and time
+   outside any operator (bench/operations.py, from torch.profiler).
 
 The mid-size configs keep the real pair's balance: a report costs LLaMA about 3x what an
 image costs the ViT (Llama-3-8B on a 75-token report vs ViT-g: about 2x), and the Q-Former,
@@ -60,6 +63,7 @@ from bench.model_flops import (  # noqa: E402
     llama_flops,
     vit_tokens,
 )
+from bench.operations import describe, profiled  # noqa: E402
 from bench.throughput import (  # noqa: E402
     length_batches,
     matmul_flops_per_second,
@@ -250,14 +254,15 @@ def main() -> None:
         # a batch would take minutes), so only float32 is a candidate there.
         candidates = [args.dtype] if args.dtype != "auto" else list(timed_precisions())
         fp32 = {name: load(name, registry, "float32") for name in (IMAGE, TEXT)}
-        dtype_of, per_item = {}, {}
+        dtype_of, per_item, time_split = {}, {}, {}
         for name in (IMAGE, TEXT):
             batch = sample_batch(fp32[name], table, manifest.parent, args.batch_size)
-            per_item[name] = {
-                dtype: seconds_per_item(
-                    fp32[name] if dtype == "float32" else load(name, registry, dtype), batch
-                )
+            encoders = {
+                dtype: fp32[name] if dtype == "float32" else load(name, registry, dtype)
                 for dtype in candidates
+            }
+            per_item[name] = {
+                dtype: seconds_per_item(encoder, batch) for dtype, encoder in encoders.items()
             }
             dtype_of[name] = min(per_item[name], key=per_item[name].get)
             print(
@@ -265,6 +270,11 @@ def main() -> None:
                 + ", ".join(f"{dtype} {t * 1e3:.1f} ms/item" for dtype, t in per_item[name].items())
                 + f" -> extract uses {dtype_of[name]}"
                 + ("" if "bfloat16" in candidates else " (bfloat16 not timed: emulated here)")
+            )
+            seconds, time_split[name] = profiled(encoders[dtype_of[name]].encode, batch)
+            print(
+                f"{name} in {dtype_of[name]}, where one batch's {seconds * 1e3:.0f} ms go "
+                f"(torch.profiler, operators' own time): {describe(time_split[name])}"
             )
 
         rows = np.linspace(0, len(table) - 1, min(args.naive_pairs, len(table))).astype(int)
@@ -391,6 +401,7 @@ def main() -> None:
         "extract_encode_seconds": encode,
         "lowest_cosine_naive_vs_extract": agreement,
         "padding_share": {**padding, "recorded": recorded},
+        "forward_time_by_kind": time_split,
         "gflops": {
             name: {
                 "achieved": rate["achieved"] / 1e9,

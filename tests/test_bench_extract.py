@@ -14,6 +14,7 @@ from transformers import AutoConfig, Blip2Config, LlamaModel
 
 from bench.extract_gpu import datasheet_peak, peak_flops
 from bench.model_flops import bench_config, blip2_image_flops, llama_flops
+from bench.operations import KINDS, describe, profiled
 from bench.throughput import length_batches, padding_share
 from extract.blip2 import Blip2ImageQFormer
 from pipeline.hardware import cpu_bf16_is_fast
@@ -108,6 +109,26 @@ def test_padding_share_of_length_batches():
     assert padding_share(lengths, [[0, 2], [3, 1]]) == pytest.approx(1 - 24 / 26)
 
 
+def test_a_forward_is_split_into_its_operators_kinds():
+    torch.manual_seed(0)
+    layer = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.LayerNorm(256))
+    query = torch.randn(4, 2, 16, 32)
+
+    def forward(inputs: torch.Tensor) -> torch.Tensor:
+        attended = torch.nn.functional.scaled_dot_product_attention(query, query, query)
+        return layer(inputs) + attended.sum()
+
+    seconds, shares = profiled(forward, torch.randn(512, 64))
+    assert seconds > 0
+    assert set(shares) == set(KINDS)
+    for kind in ("matrix products", "attention", "normalisation", "activations"):
+        assert shares[kind] > 0, kind
+    assert sum(shares.values()) == pytest.approx(1, abs=0.01)
+    assert describe({"attention": 0.25, "matrix products": 0.7, "activations": 0.001}) == (
+        "matrix products 70%, attention 25%"
+    )
+
+
 def _smoke(script: str, results: Path) -> list[str]:
     before = results.stat().st_mtime_ns if results.exists() else None
     completed = subprocess.run(
@@ -139,6 +160,8 @@ def test_extract_cpu_bench_smoke_prints_timings_padding_gflops_and_ratio():
             re.match(rf"{encoder} in \w+ achieved [\d.e+-]+ GFLOP/s .* of the ceiling", line)
             for line in lines
         )
+        (split,) = [line for line in lines if line.startswith(f"{encoder} in ") and " go " in line]
+        assert "matrix products" in split and "attention" in split, split
     assert re.search(r"ratio: \d+(\.\d+)?$", lines[-1])
 
 
