@@ -28,9 +28,10 @@ import torch
 from torch import nn
 
 # A compile costs about 3 s per process with Inductor's cache warm and 13-20 s cold; the
-# fused pass saved 3 ms of 24 a step on an 11M-parameter head (2 threads) but under 1 ms on
-# the demo's 2M ones (9.8 -> 9.1 ms on one core), so smaller heads keep autocast and fused
-# AdamW (README, "Defaults, and why": precision).
+# fused pass saved 3 ms of 24 a step on an 11M-parameter head (2 threads), and writing the
+# gradients straight into its buffer about 1.5 ms more, but the demo's 2M ones went only
+# from 8.5 to 8.0 ms a step (one core), so smaller heads keep autocast and fused AdamW
+# (README, "Defaults, and why": precision).
 FUSED_UPDATE_MIN_PARAMETERS = 4_000_000
 # A weight gradient inputs^T @ output_gradient runs faster from a transposed copy of the
 # inputs when the product is wide: the copy is one pass over the batch's inputs, and it
