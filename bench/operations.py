@@ -2,8 +2,9 @@
 
 An encoder at a fraction of the matmul ceiling spends the rest somewhere: in attention
 kernels, which run far below the matmul rate on a CPU, in normalisations, activations and
-other element-wise passes over the activations, in copies (casts and gathers too), or outside any
-operator (Python, dispatch). bench/extract_cpu.py prints this split for each encoder.
+other element-wise passes over the activations, in copies (casts and gathers too), or
+outside any operator (Python, dispatch). bench/extract_cpu.py prints this split for each
+encoder.
 """
 
 from __future__ import annotations

@@ -91,6 +91,14 @@ class GradientSlot:
             self.buffer.copy_(gradient)
             self.written = True
 
+    def take_product(self, left: torch.Tensor, right: torch.Tensor) -> None:
+        """take(left @ right), the product written straight into the buffer when first."""
+        if self.written:  # the sum, rounded as autograd rounds it
+            self.take(left @ right)
+        else:
+            torch.mm(left, right, out=self.buffer)
+            self.written = True
+
 
 class _AddmmIntoSlots(torch.autograd.Function):
     """bias + inputs @ weight whose backward puts the weight's and bias's gradients in their
@@ -109,14 +117,10 @@ class _AddmmIntoSlots(torch.autograd.Function):
         inputs, weight = ctx.saved_tensors
         bias_slot, weight_slot = ctx.slots
         output_gradient = output_gradient.to(weight.dtype)
-        if weight_slot.written:  # a weight used twice: the sum, as autograd rounds it
-            weight_slot.buffer.add_(inputs.t() @ output_gradient)
-        else:
-            transposed = inputs.t()
-            if weight.shape[1] >= TRANSPOSED_COPY_MIN_COLUMNS:
-                transposed = transposed.contiguous()
-            torch.mm(transposed, output_gradient, out=weight_slot.buffer)
-            weight_slot.written = True
+        transposed = inputs.t()
+        if weight.shape[1] >= TRANSPOSED_COPY_MIN_COLUMNS:
+            transposed = transposed.contiguous()
+        weight_slot.take_product(transposed, output_gradient)
         bias_slot.take(output_gradient.sum(dim=0))
         input_gradient = output_gradient @ weight.t() if ctx.needs_input_grad[1] else None
         return None, input_gradient, None, None, None
@@ -190,7 +194,6 @@ class FusedBF16AdamW(torch.optim.Optimizer):
         self._second_moment = torch.zeros_like(master)
         self._steps = 0
         self._working_leaves: list[torch.Tensor] = []
-        self._slots: list[GradientSlot] = []
         start = 0
         for _, parameter in named:
             end = start + parameter.numel()
@@ -198,7 +201,6 @@ class FusedBF16AdamW(torch.optim.Optimizer):
             leaf = self._working[start:end].view_as(parameter).requires_grad_()
             leaf.gradient_slot = GradientSlot(self._gradient[start:end].view_as(parameter))
             self._working_leaves.append(leaf)
-            self._slots.append(leaf.gradient_slot)
             start = end
 
     def forward(self, *inputs):
@@ -208,14 +210,15 @@ class FusedBF16AdamW(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Forget the last backward's gradients (the next one writes or allocates anew)."""
-        for leaf, slot in zip(self._working_leaves, self._slots, strict=True):
+        for leaf in self._working_leaves:
             leaf.grad = None
-            slot.written = False
+            leaf.gradient_slot.written = False
 
     @torch.no_grad()
     def step(self, closure: None = None) -> None:
         """Update master weights, moments and working copy from the last backward."""
-        for leaf, slot in zip(self._working_leaves, self._slots, strict=True):
+        for leaf in self._working_leaves:
+            slot = leaf.gradient_slot
             if leaf.grad is not None:
                 slot.take(leaf.grad)
             elif not slot.written:

@@ -30,7 +30,7 @@ def test_each_step_is_torch_adamws_on_the_same_gradients():
         fused.zero_grad()
         _loss(fused.forward, seed=step).backward()
         # The reference takes the bf16 gradients the fused step read, as float32.
-        gradients = [slot.buffer.float() for slot in fused._slots]
+        gradients = [leaf.gradient_slot.buffer.float() for leaf in fused._working_leaves]
         fused.step()
         for parameter, gradient in zip(reference_model.parameters(), gradients, strict=True):
             parameter.grad = gradient
@@ -79,7 +79,10 @@ def test_the_backward_writes_autograds_gradients_into_the_flat_buffer(network):
         fused.zero_grad()
         loss(fused.forward).backward()
         fused.step()  # takes the gradients autograd returned, zeroes unread ones
-    written = {name: slot.buffer for name, slot in zip(fused._names, fused._slots, strict=True)}
+    written = {
+        name: leaf.gradient_slot.buffer
+        for name, leaf in zip(fused._names, fused._working_leaves, strict=True)
+    }
     loss(lambda *inputs: torch.func.functional_call(model, plain, inputs)).backward()
     for name, leaf in plain.items():
         expected = torch.zeros_like(leaf) if leaf.grad is None else leaf.grad
