@@ -412,7 +412,11 @@ class Encoder(ABC):
         """What forward reads besides the model: encoders that run one loaded model and have
         equal keys get equal outputs from a forward, so one serves them all."""
         return json.dumps(
-            {"preprocessing": self.preprocessing, "inputs": self.forward_inputs()},
+            {
+                "preprocessing": self.preprocessing,
+                "inputs": self.forward_inputs(),
+                "forward_batch": self.spec.forward_batch,
+            },
             sort_keys=True,
             default=str,
         )
@@ -544,6 +548,7 @@ class Encoder(ABC):
             "l2_normalised": self.l2_normalised,
             # only where it applies, so that other encoders keep their identity
             **({"memory_format": "channels_last"} if self.channels_last else {}),
+            **({"forward_batch": self.spec.forward_batch} if self.spec.forward_batch else {}),
             "preprocessing": self.preprocessing,
         }
         if self.tokenizer is not None:

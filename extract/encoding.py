@@ -141,6 +141,19 @@ def _group_input(
     return (normalised, loaded[1]) if modality == "pair" else normalised
 
 
+def _in_chunks(group_input: Any, size: int) -> list[Any]:
+    """A forward group's input (images, texts, or (images, texts) pairs) in pieces of at
+    most `size` items (EncoderSpec.forward_batch; 0: whole)."""
+    pair = isinstance(group_input, tuple)
+    count = len(group_input[0] if pair else group_input)
+    if not size or count <= size:
+        return [group_input]
+    spans = [slice(start, start + size) for start in range(0, count, size)]
+    if pair:
+        return [tuple(part[span] for part in group_input) for span in spans]
+    return [group_input[span] for span in spans]
+
+
 def encode_pass(
     encoders: Sequence[Encoder],
     identities: Sequence[str],
@@ -189,16 +202,20 @@ def encode_pass(
                     continue
                 lead = encoders[members[0]]
                 before = _long_counts(lead)
-                outputs = lead.forward(
-                    _group_input(loaded, modality, prepared, number, lead.device)
-                )
+                group_input = _group_input(loaded, modality, prepared, number, lead.device)
+                pooled: dict[int, list[torch.Tensor]] = {output: [] for output in members}
+                for chunk in _in_chunks(group_input, lead.spec.forward_batch):
+                    outputs = lead.forward(chunk)
+                    for output in members:
+                        vectors = encoders[output].pool_outputs(outputs)
+                        pooled[output].append(vectors.float().cpu())
                 truncated, windowed = np.subtract(_long_counts(lead), before)
                 for output in members:
                     encoder = encoders[output]
                     if encoder is not lead:  # the reports it met are those the lead met
                         encoder.truncated_reports += int(truncated)
                         encoder.windowed_reports += int(windowed)
-                    vectors = encoder.pool_outputs(outputs).float().cpu().numpy()
+                    vectors = torch.cat(pooled[output]).numpy()
                     fault_hook.reached("batch")
                     check_finite(names, vectors, encoder.spec.name)
                     parts[output].write(batch.keys, vectors)

@@ -151,6 +151,10 @@ class EncoderSpec:
     # mixes: a class-token pooling reads no patch of the last block's output. Empty: no
     # patch tokens (a CNN such as ALIGN's EfficientNet, or a pair model), which explain refuses.
     patch_tokens: Mapping[str, Any] = field(default_factory=dict)
+    # The most items one forward takes; a larger batch of the pass runs in chunks of this
+    # size, whose vectors are joined (0: the whole batch). A CNN's full-resolution
+    # activations for a whole batch outgrow the CPU's caches: see align-image.json.
+    forward_batch: int = 0
     notes: str = ""  # why this source, width or preprocessing was chosen
     origin: str = field(default="", compare=False)  # the file the entry was read from
 
@@ -177,10 +181,12 @@ class EncoderSpec:
                 f"{self.where}, key 'pooling': '{self.pooling}' is not one of "
                 f"{', '.join(loader.poolings)} for {self.loader} encoders"
             )
-        if not isinstance(self.width, int) or self.width < 0:
-            raise UserError(
-                f"{self.where}, key 'width': expected a whole number, got {self.width!r}"
-            )
+        for key in ("width", "forward_batch"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise UserError(
+                    f"{self.where}, key '{key}': expected a whole number, got {value!r}"
+                )
         for key in ("preprocessing", "tiny_config"):
             if not isinstance(getattr(self, key), Mapping):
                 raise UserError(f"{self.where}, key '{key}': expected a mapping of settings")

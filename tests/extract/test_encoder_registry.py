@@ -100,6 +100,7 @@ def _broken_file(tmp_path: Path) -> Path:
         "wrong-tower": {**good, "modality": "image", "loader": "encoder-text"},
         "tiny-without-type": {**good, "tiny_config": {"hidden_size": 8}},
         "not-a-mapping": ["source", "modality"],
+        "negative-forward-batch": {**good, "forward_batch": -4},
         "llama3": good,  # a built-in name
     }
     path = tmp_path / "broken.yaml"
@@ -118,6 +119,7 @@ def _broken_file(tmp_path: Path) -> Path:
         ("wrong-tower", "key 'modality': loader encoder-text encodes text, not image"),
         ("tiny-without-type", "key 'tiny_config': needs a model_type"),
         ("not-a-mapping", "expected a mapping of keys"),
+        ("negative-forward-batch", "key 'forward_batch': expected a whole number, got -4"),
     ],
 )
 def test_a_broken_entry_fails_alone_with_one_line_naming_file_and_key(

@@ -19,8 +19,10 @@ import pandas as pd
 import pytest
 import yaml
 from PIL import Image
+from transformers.models.align import modeling_align
 from transformers.models.blip_2 import modeling_blip_2
 from transformers.models.llama import modeling_llama
+from transformers.models.vilt import modeling_vilt
 
 from cache.store import FeatureSet, read_features
 from extract import items
@@ -155,6 +157,44 @@ def test_encoders_of_one_checkpoint_share_each_forward(
     text = _config(TEXT_PASS, small_manifest, tmp_path / "t", registry=str(registry))
     run(text)
     assert llama[0] == 2  # 3 reports in 2 batches, for llama3 and llama3-last alike
+
+
+@pytest.mark.parametrize(
+    ("entry", "model_class", "tolerance"),
+    [
+        ("align-image", modeling_align.AlignVisionModel, 0.0),
+        # ViLT's seeded patch shuffle draws per forward: equal up to rounding
+        ("vilt", modeling_vilt.ViltModel, 1e-5),
+    ],
+)
+def test_a_forward_batch_runs_a_batch_in_chunks_to_the_same_vectors(
+    entry: str,
+    model_class: type,
+    tolerance: float,
+    small_manifest: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    registry = tmp_path / "chunked.yaml"
+    entries = {
+        name: {**built_in_entry(entry), "forward_batch": size}
+        for name, size in (("chunked", 1), ("whole", 0))
+    }
+    registry.write_text(yaml.safe_dump(entries, allow_unicode=True), "utf-8")
+    settings = {"registry": str(registry), "batch_size": 8}  # every item in one batch
+    forwards = {}
+    for name in entries:  # loading may forward once to measure the width: the same for both
+        calls = _count_calls(monkeypatch, model_class)
+        run(_config([name], small_manifest, tmp_path / f"{name}.h5", **settings))
+        forwards[name] = calls[0]
+        monkeypatch.undo()
+    distinct = 4 if entry == "align-image" else 6  # the small manifest's images / pairs
+    assert forwards["chunked"] - forwards["whole"] == distinct - 1
+    in_chunks, at_once = (read_features(tmp_path / f"{n}.h5") for n in ("chunked", "whole"))
+    assert in_chunks.keys == at_once.keys
+    np.testing.assert_allclose(in_chunks.vectors, at_once.vectors, rtol=0, atol=tolerance)
+    assert in_chunks.provenance["forward_batch"] == 1
+    assert "forward_batch" not in at_once.provenance  # other encoders keep their identity
 
 
 def test_a_pass_of_several_modalities_is_refused_in_one_line(
