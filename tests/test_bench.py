@@ -33,3 +33,23 @@ def test_dvc_repro_bench_smoke_times_the_demo_stage_and_names_the_cpu():
     assert any(re.fullmatch(r"stage demo: \d+\.\d s", line) for line in lines)
     assert re.search(r"^cpu: .+, \d+ threads, python ", result.stdout, re.MULTILINE)
     assert re.fullmatch(r"total: \d+\.\d s \(dvc repro; 1 stage\(s\) ran\)", lines[-1])
+
+
+def test_trials_together_bench_smoke_compares_one_trial_with_stacked_trials():
+    result = subprocess.run(
+        [sys.executable, "bench/trials_together.py", "--smoke"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert re.fullmatch(r"cpu: .+, 1 thread, precision (bf16|fp32)", lines[0])
+    assert re.fullmatch(r"fuse train_head: \d+\.\d\d ms per step .+", lines[1])
+    assert re.fullmatch(r"plain PyTorch, 1 trial: \d+\.\d\d ms per step", lines[2])
+    assert re.fullmatch(
+        r"plain PyTorch, 5 trials stacked: \d+\.\d\d ms per step of one trial", lines[3]
+    )
+    assert re.fullmatch(
+        r"training the trials together (pays|does not pay): \d+\.\d\dx .+", lines[4]
+    )
