@@ -184,10 +184,10 @@ def test_a_forward_batch_runs_a_batch_in_chunks_to_the_same_vectors(
     settings = {"registry": str(registry), "batch_size": 8}  # every item in one batch
     forwards = {}
     for name in entries:  # loading may forward once to measure the width: the same for both
-        calls = _count_calls(monkeypatch, model_class)
-        run(_config([name], small_manifest, tmp_path / f"{name}.h5", **settings))
+        with monkeypatch.context() as patch:
+            calls = _count_calls(patch, model_class)
+            run(_config([name], small_manifest, tmp_path / f"{name}.h5", **settings))
         forwards[name] = calls[0]
-        monkeypatch.undo()
     distinct = 4 if entry == "align-image" else 6  # the small manifest's images / pairs
     assert forwards["chunked"] - forwards["whole"] == distinct - 1
     in_chunks, at_once = (read_features(tmp_path / f"{n}.h5") for n in ("chunked", "whole"))
