@@ -22,10 +22,10 @@ Writes bench/results/trials_together.json; the first line names the CPU.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import time
+from itertools import pairwise
 from pathlib import Path
 
 import torch
@@ -33,46 +33,41 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.fuse_cpu import PAPER, synthetic_rows  # noqa: E402
+from bench.fuse_cpu import PAPER, fuse_training, synthetic_rows  # noqa: E402
 from bench.machine import cpu_name  # noqa: E402
-from fuse.model import FusionHead  # noqa: E402
-from fuse.train import HeadSettings, autocast, resolve_precision, train_head  # noqa: E402
+from fuse.train import HeadSettings, autocast, resolve_precision  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "trials_together.json"
 DEMO_WIDTH = 64  # the demo's tiny encoders' vector width
-BATCH = 64
-# (inputs, outputs) of each layer: image and text projectors, the MLP, the contrastive pair
-LAYERS = ((DEMO_WIDTH, 512), (DEMO_WIDTH, 2048), (2560, 512), (512, 128), (128, 2))
-CONTRASTIVE = ((512, 256), (2048, 256))
 
 
-def fuse_step_ms(epochs: int, precision: str) -> float:
+def _layer_widths(settings: HeadSettings) -> list[tuple[int, int]]:
+    """(inputs, outputs) of each layer of fuse's head at these settings: the image and text
+    projectors, the MLP to two classes, then the two contrastive projections."""
+    projected = settings.image_projection + settings.text_projection
+    mlp = [projected, *settings.hidden_widths, 2]
+    return [
+        (DEMO_WIDTH, settings.image_projection),
+        (DEMO_WIDTH, settings.text_projection),
+        *pairwise(mlp),
+        (settings.image_projection, settings.contrastive_width),
+        (settings.text_projection, settings.contrastive_width),
+    ]
+
+
+def fuse_step_ms(settings: HeadSettings) -> float:
     """fuse's train_head at the demo's shapes: milliseconds per step, validation included."""
-    image, text, labels, groups, train, val = synthetic_rows(
-        {**PAPER, "image": DEMO_WIDTH, "text": DEMO_WIDTH}
-    )
-    settings = HeadSettings(epochs=epochs, patience=0, precision=precision)
-    torch.manual_seed(0)
-    model = FusionHead(
-        input_widths={"image0": DEMO_WIDTH, "text1": DEMO_WIDTH},
-        projections={"image0": 512, "text1": 2048},
-        hidden_widths=settings.hidden_widths,
-        dropout=settings.dropout,
-        num_classes=2,
-        contrastive_width=settings.contrastive_width,
-    )
-    arguments = ([image, text], labels, groups, train, val, settings, 0)
-    train_head(copy.deepcopy(model), *arguments)  # warm-up, as the plain loops have
-    start = time.perf_counter()
-    train_head(model, *arguments)
-    steps = epochs * -(-len(train) // BATCH)
-    return (time.perf_counter() - start) / steps * 1000
+    data = synthetic_rows({**PAPER, "image": DEMO_WIDTH, "text": DEMO_WIDTH})
+    fuse_training(data, settings, seed=0)  # warm-up, as the plain loops have
+    seconds, _ = fuse_training(data, settings, seed=0)
+    train = data[4]
+    return seconds / (settings.epochs * -(-len(train) // settings.batch_size)) * 1000
 
 
-def _stacked_parameters(trials: int) -> list[torch.Tensor]:
+def _stacked_parameters(trials: int, settings: HeadSettings) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
     parameters = []
-    for inputs, outputs in LAYERS + CONTRASTIVE:
+    for inputs, outputs in _layer_widths(settings):
         weight = torch.randn(trials, inputs, outputs, generator=generator) * inputs**-0.5
         parameters += [weight.requires_grad_(), torch.zeros(trials, 1, outputs).requires_grad_()]
     return parameters
@@ -82,51 +77,56 @@ def _plain_step(
     parameters: list[torch.Tensor],
     optimizer: torch.optim.Optimizer,
     batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-    precision: str,
+    settings: HeadSettings,
 ) -> None:
     image, text, labels = batch
-    trials = image.shape[0]
+    trials, rows = labels.shape
+    hidden_layers = len(settings.hidden_widths)
     weights, biases = parameters[0::2], parameters[1::2]
 
     def dense(index: int, inputs: torch.Tensor) -> torch.Tensor:
         return torch.baddbmm(biases[index], inputs, weights[index])
 
-    with autocast(precision):
+    with autocast(settings.precision):
         image_vector = F.normalize(dense(0, image), dim=-1)
         text_vector = F.normalize(dense(1, text), dim=-1)
         hidden = torch.cat([image_vector, text_vector], dim=-1)
-        hidden = F.dropout(F.relu(dense(2, hidden)), 0.3)
-        hidden = F.dropout(F.relu(dense(3, hidden)), 0.3)
-        logits = dense(4, hidden)
-        image_embedding = F.normalize(dense(5, image_vector), dim=-1)
-        text_embedding = F.normalize(dense(6, text_vector), dim=-1)
-        similarity = image_embedding @ text_embedding.transpose(1, 2) / 0.1
-        matches = torch.arange(BATCH).expand(trials, BATCH)
+        for layer in range(2, 2 + hidden_layers):
+            hidden = F.dropout(F.relu(dense(layer, hidden)), settings.dropout)
+        logits = dense(2 + hidden_layers, hidden)
+        image_embedding = F.normalize(dense(3 + hidden_layers, image_vector), dim=-1)
+        text_embedding = F.normalize(dense(4 + hidden_layers, text_vector), dim=-1)
+        similarity = image_embedding @ text_embedding.transpose(1, 2) / settings.temperature
+        matches = torch.arange(rows).expand(trials, rows)
         # summed over trials, so each trial's gradients are those of its own mean loss
         loss = trials * (
             F.cross_entropy(logits.float().reshape(-1, 2), labels.reshape(-1))
-            + 0.1 * F.cross_entropy(similarity.float().reshape(-1, BATCH), matches.reshape(-1))
+            + settings.contrastive_weight
+            * F.cross_entropy(similarity.float().reshape(-1, rows), matches.reshape(-1))
         )
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
 
 
-def plain_step_ms(trials: int, steps: int, precision: str) -> float:
+def plain_step_ms(trials: int, steps: int, settings: HeadSettings) -> float:
     """The plain stacked network for `trials` trials: milliseconds per step of one trial."""
-    parameters = _stacked_parameters(trials)
-    optimizer = torch.optim.AdamW(parameters, lr=1e-4, weight_decay=0.01, fused=True)
+    parameters = _stacked_parameters(trials, settings)
+    optimizer = torch.optim.AdamW(
+        parameters, lr=settings.learning_rate, weight_decay=settings.weight_decay, fused=True
+    )
     generator = torch.Generator().manual_seed(1)
+    shape = (trials, settings.batch_size)
     batch = (
-        torch.randn(trials, BATCH, DEMO_WIDTH, generator=generator),
-        torch.randn(trials, BATCH, DEMO_WIDTH, generator=generator),
-        torch.randint(0, 2, (trials, BATCH), generator=generator),
+        torch.randn(*shape, DEMO_WIDTH, generator=generator),
+        torch.randn(*shape, DEMO_WIDTH, generator=generator),
+        torch.randint(0, 2, shape, generator=generator),
     )
     for _ in range(max(steps // 10, 2)):  # warm-up
-        _plain_step(parameters, optimizer, batch, precision)
+        _plain_step(parameters, optimizer, batch, settings)
     start = time.perf_counter()
     for _ in range(steps):
-        _plain_step(parameters, optimizer, batch, precision)
+        _plain_step(parameters, optimizer, batch, settings)
     return (time.perf_counter() - start) / steps / trials * 1000
 
 
@@ -136,14 +136,15 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="a few steps, writes nothing")
     args = parser.parse_args()
     torch.set_num_threads(1)  # as each protocol process runs
-    precision = resolve_precision(HeadSettings()).precision
     epochs, steps = (2, 5) if args.smoke else (8, 300)
+    settings = resolve_precision(HeadSettings(epochs=epochs, patience=0))
+    precision = settings.precision
     print(f"cpu: {cpu_name()}, 1 thread, precision {precision}")
-    fuse_ms = fuse_step_ms(epochs, precision)
+    fuse_ms = fuse_step_ms(settings)
     print(f"fuse train_head: {fuse_ms:.2f} ms per step ({epochs} epochs of the demo's shapes)")
-    alone_ms = plain_step_ms(1, steps, precision)
+    alone_ms = plain_step_ms(1, steps, settings)
     print(f"plain PyTorch, 1 trial: {alone_ms:.2f} ms per step")
-    together_ms = plain_step_ms(args.trials, steps, precision)
+    together_ms = plain_step_ms(args.trials, steps, settings)
     print(
         f"plain PyTorch, {args.trials} trials stacked: {together_ms:.2f} ms per step of one trial"
     )
