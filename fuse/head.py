@@ -339,14 +339,24 @@ class FittedHead:
 
     def _network(self) -> FusionHead:
         """A fresh network for the head's inputs: its sources, then the clinical encoding."""
+        return self.network_for(
+            [source.width for source in self.sources_],
+            self.clinical_.width if self.clinical_ is not None else None,
+        )
+
+    def network_for(self, widths: Sequence[int], clinical_width: int | None = None) -> FusionHead:
+        """A fresh network, as `fit` builds it, for inputs of these widths (in the model's
+        order) and, when given, a clinical encoding of `clinical_width` as the last input.
+        Built under `torch.device("meta")` it allocates nothing: a way to count its weights
+        before fitting."""
         inputs = [
-            (f"{modality}{position}", modality, source.width)
-            for position, ((_, modality), source) in enumerate(
-                zip(self.model.inputs, self.sources_, strict=True)
+            (f"{modality}{position}", modality, width)
+            for position, ((_, modality), width) in enumerate(
+                zip(self.model.inputs, widths, strict=True)
             )
         ]
-        if self.clinical_ is not None:
-            inputs.append(("clinical", "clinical", self.clinical_.width))
+        if clinical_width is not None:
+            inputs.append(("clinical", "clinical", clinical_width))
         projection_of = {
             "image": self.settings.image_projection,
             "text": self.settings.text_projection,

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from cache.store import FeatureSet, read_features, write_features
-from fuse import report
+from fuse import protocol, report
 from fuse.protocol import ProtocolConfig, run
 from fuse.schema import PREDICTIONS_FILE, RUNS_FILE, read_predictions
 from pipeline.errors import UserError
@@ -137,6 +137,47 @@ def test_learning_rate_search_picks_on_validation_and_records_it(synthetic_cache
     tried = result["learning_rate_search"]["M2"]
     assert [entry["learning_rate"] for entry in tried] == [1e-7, 1e-2]
     assert {r["learning_rate"] for r in result["runs"] if r["head"] == "head"} == {1e-2}
+
+
+def test_the_largest_heads_are_fitted_first_and_each_model_searched_once(
+    synthetic_cache, tmp_path, monkeypatch
+):
+    fitted = []
+    fit = protocol._fit
+
+    def recorded_fit(job, data, kind, settings, config):
+        fitted.append((job.model.name, job.split.trial, kind, settings.learning_rate))
+        return fit(job, data, kind, settings, config)
+
+    monkeypatch.setattr(protocol, "_fit", recorded_fit)
+    run(
+        config_for(
+            synthetic_cache,
+            tmp_path / "p",
+            models=("M1", "M4", "M2"),
+            learning_rates=(1e-3, 3e-3),
+            epochs=3,
+        )
+    )
+    heads = [(model, trial) for model, trial, kind, _ in fitted if kind == "head"]
+    # M4 projects both inputs (512 + 2048 wide) into its MLP, M2 the report (2048), M1 the
+    # image (512); each model's first trial first, searched on both rates, and that
+    # search's winner is the trial's head (no third fit of trial 0)
+    assert heads == [
+        ("M4", 0),
+        ("M4", 0),
+        ("M4", 1),
+        ("M2", 0),
+        ("M2", 0),
+        ("M2", 1),
+        ("M1", 0),
+        ("M1", 0),
+        ("M1", 1),
+    ]
+    assert [rate for model, trial, kind, rate in fitted if kind == "head" and trial == 0][:2] == [
+        1e-3,
+        3e-3,
+    ]
 
 
 def test_missing_features_and_other_data_are_refused(synthetic_cache, tmp_path):
