@@ -3,7 +3,8 @@
 RGB (by `to_rgb`'s rule), resize, optionally centre-crop, scale to [0, 1], normalise per
 channel. Two resizes cover the registered encoders: "square" (BLIP-2, Chinese-CLIP, ALIGN
 before its crop, ViLT) and "shortest_edge" then a centre crop (CLIP), as their image
-processors do.
+processors do. A pass resizes each image once per geometry, not once per encoder: on a
+square image CLIP's resize and crop is BLIP-2's and Chinese-CLIP's square resize.
 """
 
 from __future__ import annotations
@@ -127,22 +128,33 @@ class ImageTransform:
     def pixels(self, image: Image.Image) -> torch.Tensor:
         """The image resized (and cropped) as the encoder sees it: uint8 [3, size, size]."""
         image = to_rgb(image)
+        size, box = self.geometry(*image.size)
+        resized = image.resize(size, INTERPOLATIONS[self.interpolation])
+        if box is not None:
+            resized = resized.crop(box)
+        return torch.from_numpy(np.ascontiguousarray(np.asarray(resized).transpose(2, 0, 1)))
+
+    def geometry(
+        self, width: int, height: int
+    ) -> tuple[tuple[int, int], tuple[int, int, int, int] | None]:
+        """Where an image of this size goes: its size after resizing, and the box then cut
+        from it (None: the whole resized image). Transforms of equal geometry and
+        interpolation give equal pixels: on a square image, CLIP's shortest-edge resize and
+        crop is BLIP-2's square resize."""
         if self.resize == "square":
             size = (self.image_size, self.image_size)
         else:  # the shorter side becomes image_size, the longer keeps the aspect ratio
-            width, height = image.size
             scale = self.image_size / min(width, height)
             size = (
                 (self.image_size, int(height * scale))
                 if width <= height
                 else (int(width * scale), self.image_size)
             )
-        resized = image.resize(size, INTERPOLATIONS[self.interpolation])
-        if self.crop_size:
-            width, height = resized.size
-            left, top = (width - self.crop_size) // 2, (height - self.crop_size) // 2
-            resized = resized.crop((left, top, left + self.crop_size, top + self.crop_size))
-        return torch.from_numpy(np.ascontiguousarray(np.asarray(resized).transpose(2, 0, 1)))
+        if not self.crop_size:
+            return size, None
+        left, top = (size[0] - self.crop_size) // 2, (size[1] - self.crop_size) // 2
+        box = (left, top, left + self.crop_size, top + self.crop_size)
+        return size, None if box == (0, 0, *size) else box
 
     def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 pixels [..., 3, H, W] -> float32 (pixel / 255 - mean) / std, on their device."""
@@ -263,7 +275,20 @@ class DecodedImages(Dataset):
         try:
             held = self.held.get(path)
             image = held if isinstance(held, Image.Image) else decode_image(path, held)
-            pixels = {which: self.transforms[which].pixels(image) for which in wanted}
+            pixels = self._pixels(image, wanted)
         except (OSError, SyntaxError, ValueError, EOFError) as error:
             raise UserError(f"cannot decode image {path}: {error}") from None
         return pixels if self.texts is None else (pixels, self.texts[index])
+
+    def _pixels(self, image: Image.Image, wanted: Sequence[int]) -> dict[int, torch.Tensor]:
+        """Each wanted transform's pixels, one resize for those of equal geometry."""
+        image = to_rgb(image)  # the size the geometry is planned on is the one resized
+        made: dict[tuple, torch.Tensor] = {}
+        pixels = {}
+        for which in wanted:
+            transform = self.transforms[which]
+            plan = (transform.interpolation, transform.geometry(*image.size))
+            if plan not in made:
+                made[plan] = transform.pixels(image)
+            pixels[which] = made[plan]
+        return pixels

@@ -123,3 +123,32 @@ def test_undecodable_and_too_large_images_stop_with_a_user_error(tmp_path, monke
     (tmp_path / "text.png").write_text("not an image")
     with pytest.raises(UserError, match="cannot decode image .*text.png"):
         DecodedImages([tmp_path / "text.png"], [TRANSFORM])[0]
+
+
+def test_transforms_that_place_an_image_alike_share_one_resize(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    square, wide = tmp_path / "square.png", tmp_path / "wide.png"
+    Image.fromarray(rng.integers(0, 256, (300, 300, 3), dtype=np.uint8)).save(square)
+    Image.fromarray(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)).save(wide)
+    settings = {"image_size": 224, "mean": [0.5] * 3, "std": [0.5] * 3}
+    transforms = [
+        image_transform({**settings, "interpolation": "bicubic"}),  # BLIP-2's square resize
+        image_transform({**settings, "interpolation": "bicubic", "resize": "shortest_edge"}),
+        image_transform({**settings, "interpolation": "bilinear"}),
+    ]
+    resizes = []
+    resize = Image.Image.resize
+    monkeypatch.setattr(
+        Image.Image, "resize", lambda image, *a, **k: resizes.append(a) or resize(image, *a, **k)
+    )
+    # on a square image CLIP's shortest edge and crop is the square resize; on a wide one
+    # it is not, and another interpolation never is
+    for path, expected_resizes in ((square, 2), (wide, 3)):
+        resizes.clear()
+        pixels = DecodedImages([path], transforms)[0]
+        assert len(resizes) == expected_resizes, path.name
+        assert all(made.shape == (3, 224, 224) for made in pixels.values())
+        image = decode_image(path)
+        for which, transform in enumerate(transforms):
+            assert torch.equal(pixels[which], transform.pixels(image)), (path.name, which)
+    assert not torch.equal(pixels[0], pixels[1])
