@@ -6,12 +6,15 @@ and `dvc repro` run, with dvc's output streamed here and each "Running stage" li
 timestamped. A stage's seconds run from its line to the next one's (or to the end of the
 run): its command, then DVC's hashing and caching of its outputs. Prints one line per
 stage, the total, the CPU model and its thread count, and writes
-bench/results/dvc_repro.json (not in --smoke mode). The stages run with this Python and
-this dvc unless --install is given.
+bench/results/dvc_repro.json (not in --smoke mode; with --set, dvc_repro_set.json, which
+records the settings). The stages run with this Python and this dvc unless --install is
+given.
 
     python bench/dvc_repro.py            # the demo as dvc.yaml and params.yaml define it
     python bench/dvc_repro.py --install  # first time the README's install in a new venv
     python bench/dvc_repro.py --smoke    # seconds: `dvc repro demo` on a tiny demo (tests)
+    python bench/dvc_repro.py --set demo.images_per_report=7 --set fuse.trials=3
+                                         # another workload: params.yaml changed in the copy
 """
 
 from __future__ import annotations
@@ -38,8 +41,9 @@ from bench.machine import cpu_name, cpu_threads  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "dvc_repro.json"
+RESULTS_WITH_SETTINGS = RESULTS.with_name("dvc_repro_set.json")
 NOT_COPIED = (".dvc/", "dvc.lock")  # `dvc init` makes the first; the run writes the second
-SMOKE_DEMO = {"patients": 8, "external_patients": 2, "images_per_report": 3}
+SMOKE_PARAMS = {"demo.patients": 8, "demo.external_patients": 2, "demo.images_per_report": 3}
 SMOKE_TARGETS = ("demo",)
 # The README's Quickstart: CPU torch first, so that pip does not pull a CUDA build.
 INSTALL_STEPS = (
@@ -124,10 +128,30 @@ def install(project: Path, venv: Path) -> tuple[dict[str, float], dict[str, str]
     return seconds, env
 
 
-def _shrink_to_smoke(project: Path) -> None:
+def parse_setting(text: str) -> tuple[str, object]:
+    """'section.key=value' -> ('section.key', value), the value read as YAML (7 -> 7,
+    [M4, M1] -> a list)."""
+    key, equals, value = text.partition("=")
+    if not equals or not key or "." not in key:
+        raise argparse.ArgumentTypeError(
+            f"--set {text!r}: give SECTION.KEY=VALUE, e.g. demo.images_per_report=7"
+        )
+    return key, yaml.safe_load(value)
+
+
+def set_params(project: Path, settings: dict[str, object]) -> None:
+    """Write each 'section.key' (dots nest: 'extract.images.batch_size') into the copy's
+    params.yaml; the stage that reads it refuses a key it does not know."""
     params_path = project / "params.yaml"
     params = yaml.safe_load(params_path.read_text(encoding="utf-8"))
-    params["demo"] = {**(params.get("demo") or {}), **SMOKE_DEMO}
+    for dotted, value in settings.items():
+        *sections, key = dotted.split(".")
+        section = params
+        for name in sections:
+            if not isinstance(section.get(name), dict):  # `demo: {}` reads back as {}
+                section[name] = {}
+            section = section[name]
+        section[key] = value
     params_path.write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
 
 
@@ -148,13 +172,25 @@ def main() -> None:
         "new venv, then run dvc from it",
     )
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    parser.add_argument(
+        "--set",
+        action="append",
+        type=parse_setting,
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="run another workload: change params.yaml in the copy (repeatable), e.g. "
+        "--set demo.images_per_report=7 --set fuse.trials=3; results go to "
+        "results/dvc_repro_set.json with the settings",
+    )
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="vlmf-dvc-repro-"))
     project = root / "vlmf"
     try:
         copy_project(REPO, project)
-        if args.smoke:
-            _shrink_to_smoke(project)
+        settings = {**(SMOKE_PARAMS if args.smoke else {}), **dict(args.set)}
+        if settings:
+            set_params(project, settings)
+            print("params.yaml: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
         installed, env = {}, dict(os.environ)
         if args.install:
             installed, env = install(project, root / "venv")
@@ -181,7 +217,8 @@ def main() -> None:
     print(f"cpu: {cpu_name()}, {cpu_threads()} threads, python {platform.python_version()}")
     print(f"total: {run.seconds:.1f} s (dvc repro; {len(stages)} stage(s) ran)")
     if not args.smoke:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        path = RESULTS_WITH_SETTINGS if args.set else RESULTS
+        path.parent.mkdir(parents=True, exist_ok=True)
         results = {
             "cpu": cpu_name(),
             "threads": cpu_threads(),
@@ -191,9 +228,10 @@ def main() -> None:
             "stage_seconds": stages,
             "before_first_stage_seconds": before,
             "total_seconds": run.seconds,
+            "params_set": dict(args.set),
         }
-        RESULTS.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-        print(f"wrote {RESULTS.relative_to(REPO)}")
+        path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {path.relative_to(REPO)}")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,12 @@
 """Benchmarks run in their --smoke mode: they must work, whatever the numbers on this machine."""
 
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import yaml
 
 REPO = Path(__file__).parents[1]
 
@@ -25,9 +28,26 @@ def test_fuse_cpu_bench_smoke_prints_timings_floor_protocol_and_ratio():
 
 def test_dvc_repro_bench_smoke_times_the_demo_stage_and_names_the_cpu():
     result = subprocess.run(
-        [sys.executable, "bench/dvc_repro.py", "--smoke"], cwd=REPO, capture_output=True, text=True
+        [
+            sys.executable,
+            "bench/dvc_repro.py",
+            "--smoke",
+            "--set",
+            "demo.images_per_report=4",
+            "--keep",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+    kept = Path(re.search(r"^kept (.+)$", result.stdout, re.MULTILINE).group(1))
+    try:
+        # the stage ran on the copy's params.yaml: the smoke demo's size, the --set on top
+        ran = yaml.safe_load((kept / "vlmf" / "data" / "demo" / "demo_config.yaml").read_text())
+    finally:
+        shutil.rmtree(kept)
+    assert (ran["patients"], ran["external_patients"], ran["images_per_report"]) == (8, 2, 4)
     lines = result.stdout.strip().splitlines()
     assert any(re.fullmatch(r"\[ *\d+\.\d s\] Running stage 'demo':", line) for line in lines)
     assert any(re.fullmatch(r"stage demo: \d+\.\d s", line) for line in lines)
