@@ -6,9 +6,9 @@ and `dvc repro` run, with dvc's output streamed here and each "Running stage" li
 timestamped. A stage's seconds run from its line to the next one's (or to the end of the
 run): its command, then DVC's hashing and caching of its outputs. Prints one line per
 stage, the total, the CPU model and its thread count, and writes
-bench/results/dvc_repro.json (not in --smoke mode; with --set, dvc_repro_set.json, which
-records the settings). The stages run with this Python and this dvc unless --install is
-given.
+bench/results/dvc_repro.json (not in --smoke mode; with --set, a file named by the
+settings, dvc_repro_set_fuse.trials-3.json, which also records them). The stages run
+with this Python and this dvc unless --install is given.
 
     python bench/dvc_repro.py            # the demo as dvc.yaml and params.yaml define it
     python bench/dvc_repro.py --install  # first time the README's install in a new venv
@@ -41,7 +41,6 @@ from bench.machine import cpu_name, cpu_threads  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "dvc_repro.json"
-RESULTS_WITH_SETTINGS = RESULTS.with_name("dvc_repro_set.json")
 NOT_COPIED = (".dvc/", "dvc.lock")  # `dvc init` makes the first; the run writes the second
 SMOKE_PARAMS = {"demo.patients": 8, "demo.external_patients": 2, "demo.images_per_report": 3}
 SMOKE_TARGETS = ("demo",)
@@ -128,6 +127,15 @@ def install(project: Path, venv: Path) -> tuple[dict[str, float], dict[str, str]
     return seconds, env
 
 
+def results_path(settings: dict[str, object]) -> Path:
+    """Where a run's results go: dvc_repro.json, or for another workload a file named by
+    its settings (dvc_repro_set_fuse.trials-3.json)."""
+    if not settings:
+        return RESULTS
+    named = "_".join(f"{key}-{value}" for key, value in settings.items())
+    return RESULTS.with_name(f"dvc_repro_set_{re.sub(r'[^A-Za-z0-9._-]+', '', named)}.json")
+
+
 def parse_setting(text: str) -> tuple[str, object]:
     """'section.key=value' -> ('section.key', value), the value read as YAML (7 -> 7,
     [M4, M1] -> a list)."""
@@ -179,8 +187,8 @@ def main() -> None:
         default=[],
         metavar="SECTION.KEY=VALUE",
         help="run another workload: change params.yaml in the copy (repeatable), e.g. "
-        "--set demo.images_per_report=7 --set fuse.trials=3; results go to "
-        "results/dvc_repro_set.json with the settings",
+        "--set demo.images_per_report=7 --set fuse.trials=3; results go to a file named "
+        "by the settings, results/dvc_repro_set_<settings>.json",
     )
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="vlmf-dvc-repro-"))
@@ -217,7 +225,7 @@ def main() -> None:
     print(f"cpu: {cpu_name()}, {cpu_threads()} threads, python {platform.python_version()}")
     print(f"total: {run.seconds:.1f} s (dvc repro; {len(stages)} stage(s) ran)")
     if not args.smoke:
-        path = RESULTS_WITH_SETTINGS if args.set else RESULTS
+        path = results_path(dict(args.set))
         path.parent.mkdir(parents=True, exist_ok=True)
         results = {
             "cpu": cpu_name(),
