@@ -128,7 +128,13 @@ class ImageTransform:
     def pixels(self, image: Image.Image) -> torch.Tensor:
         """The image resized (and cropped) as the encoder sees it: uint8 [3, size, size]."""
         image = to_rgb(image)
-        size, box = self.geometry(*image.size)
+        return self.placed(image, self.geometry(*image.size))
+
+    def placed(
+        self, image: Image.Image, geometry: tuple[tuple[int, int], tuple[int, int, int, int] | None]
+    ) -> torch.Tensor:
+        """An RGB image resized and cut as `geometry` (this transform's, for its size) says."""
+        size, box = geometry
         resized = image.resize(size, INTERPOLATIONS[self.interpolation])
         if box is not None:
             resized = resized.crop(box)
@@ -287,8 +293,9 @@ class DecodedImages(Dataset):
         pixels = {}
         for which in wanted:
             transform = self.transforms[which]
-            plan = (transform.interpolation, transform.geometry(*image.size))
+            geometry = transform.geometry(*image.size)
+            plan = (transform.interpolation, geometry)
             if plan not in made:
-                made[plan] = transform.pixels(image)
+                made[plan] = transform.placed(image, geometry)
             pixels[which] = made[plan]
         return pixels

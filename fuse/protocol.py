@@ -437,15 +437,13 @@ def _plan_jobs(config: ProtocolConfig, models: list[ModelSpec], data: CachedRows
     ]
 
 
-def _expected_cost(job: _Job, data: CachedRows, config: ProtocolConfig) -> float:
-    """A job's cost, to order the jobs by: its head's weights (a step reads and writes each
-    several times) times its share of the training patients; the epochs are not known
-    before. A model's trials tie, so its first job, where a learning-rate search runs,
-    stays its first."""
-    head = FittedHead(job.model, "head", config, config.classes)
-    with torch.device("meta"):  # counts the weights without allocating them
-        network = head.network_for([data.features[name].shape[1] for name in job.model.inputs])
-    return job.fraction * sum(weight.numel() for weight in network.parameters())
+def _head_weights(model: ModelSpec, data: CachedRows, config: ProtocolConfig) -> int:
+    """How many weights `model`'s head has on these features (a step reads and writes each
+    several times): counted on a network built on the meta device, which allocates none."""
+    head = FittedHead(model, "head", config, config.classes)
+    with torch.device("meta"):
+        network = head.network_for([data.features[name].shape[1] for name in model.inputs])
+    return sum(weight.numel() for weight in network.parameters())
 
 
 def _fit_share(
@@ -477,7 +475,11 @@ def _fit_share(
     # Largest first: the run ends when its last job does, and a large head taken last
     # keeps the other processes idle while it trains (on the demo, about 20 s of 500 on
     # two processes). Which process fits a job, and when, does not change its result.
-    pending.sort(key=lambda item: _expected_cost(item[1], data, config), reverse=True)
+    # A job's cost is taken as its head's weights times its share of the training patients
+    # (the epochs are not known before); a model's trials tie, so its first job, where a
+    # learning-rate search runs, stays its first.
+    weights = {model.name: _head_weights(model, data, config) for model in models}
+    pending.sort(key=lambda item: item[1].fraction * weights[item[1].model.name], reverse=True)
     fitted: list[_Fitted] = []
     learning_rate_of: dict[str, float] = {}
     searches: dict[str, list] = {}
