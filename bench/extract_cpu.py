@@ -22,7 +22,12 @@ by side:
 4. the padding share of the text batches;
 5. where one batch's forward spends its time, in the precision extract uses: matrix
    products, attention, normalisation, activations, copies, other operators and time
-   outside any operator (bench/operations.py, from torch.profiler).
+   outside any operator (bench/operations.py, from torch.profiler);
+6. both encoders again at the real checkpoints' widths (BLIP-2 opt-2.7b's ViT-g and
+   Q-Former, Llama-3-8B) with fewer layers (REAL_WIDTH_LAYERS), random weights saved and
+   loaded the same way: one batch of each through the same encode(), its share of the
+   ceiling at that shape, and where the time goes. At the mid-size widths the per-token
+   element-wise work and attention weigh more against the matmuls than at the real ones.
 
 The mid-size configs keep the real pair's balance: a report costs LLaMA about 3x what an
 image costs the ViT (Llama-3-8B on a 75-token report vs ViT-g: about 2x), and the Q-Former,
@@ -87,6 +92,10 @@ RESULTS = Path(__file__).parent / "results" / "extract_cpu.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 IMAGE, TEXT = "bench-image", "bench-text"  # the registry entries this bench writes
 LOADER = {IMAGE: "blip2-qformer", TEXT: "decoder-text"}
+# Layers kept of the real encoders (ViT-g 39, its Q-Former 12, Llama-3-8B 32) for the
+# real-width part: 6 of the ViT's and 2 of the Q-Former's keep the Q-Former's share of an
+# image's FLOPs near the real 2.4% (2.6%); the share of the ceiling is a per-layer rate.
+REAL_WIDTH_LAYERS = {"vision": 6, "qformer": 2, "llama": 2}
 
 
 def encoder_configs(smoke: bool) -> dict[str, PretrainedConfig]:
@@ -97,6 +106,21 @@ def encoder_configs(smoke: bool) -> dict[str, PretrainedConfig]:
             TEXT: AutoConfig.for_model(**get_spec("llama3").tiny_config),
         }
     return {IMAGE: bench_config("blip2-mid-image"), TEXT: bench_config("llama-mid")}
+
+
+def real_width_configs(smoke: bool) -> dict[str, PretrainedConfig]:
+    """The real checkpoints' widths with fewer layers (REAL_WIDTH_LAYERS), or the tiny
+    configs for --smoke. Llama-3-8B keeps the tiny tokenizer's vocabulary: its embedding is a
+    lookup, no FLOPs, and the tokenizer's ids have to fit it."""
+    if smoke:
+        return encoder_configs(smoke)
+    image, text = bench_config("blip2-opt-2.7b-image"), bench_config("llama-3-8b")
+    image.vision_config.num_hidden_layers = REAL_WIDTH_LAYERS["vision"]
+    image.qformer_config.num_hidden_layers = REAL_WIDTH_LAYERS["qformer"]
+    text.num_hidden_layers = REAL_WIDTH_LAYERS["llama"]
+    text.vocab_size = bench_config("llama-mid").vocab_size
+    text.bos_token_id, text.eos_token_id = 0, 1
+    return {IMAGE: image, TEXT: text}
 
 
 def write_encoders(folder: Path, configs: dict[str, PretrainedConfig]) -> Path:
@@ -157,9 +181,15 @@ def load(name: str, registry: Path, dtype: str) -> Encoder:
 
 
 def sample_batch(encoder: Encoder, table: pd.DataFrame, folder: Path, size: int):
-    """`size` inputs of the encoder's modality from the manifest (images decoded)."""
+    """`size` inputs of the encoder's modality from the manifest (images decoded); reports of
+    similar length, the middle `size` of the unique reports sorted by length, as extract
+    batches them."""
     if encoder.spec.modality == "text":
-        return [normalise_text(text) for text in table["report_text"].unique()[:size]]
+        reports = list(dict.fromkeys(normalise_text(text) for text in table["report_text"]))
+        lengths = encoder.token_lengths(reports)
+        by_length = sorted(range(len(reports)), key=lengths.__getitem__)
+        start = max(0, (len(reports) - size) // 2)
+        return [reports[index] for index in by_length[start : start + size]]
     transform = image_transform(encoder.preprocessing)
     images = []
     for path in table["image_path"][:size]:
@@ -177,6 +207,95 @@ def seconds_per_item(encoder: Encoder, batch) -> float:
             encoder.encode(batch)
             times.append(time.perf_counter() - start)
     return min(times[1:]) / len(batch)
+
+
+def mlp_widths(name: str, config: PretrainedConfig) -> tuple[int, int]:
+    """The encoder's width and its MLP's: the shape of its largest matmuls."""
+    if name == IMAGE:
+        return config.vision_config.hidden_size, config.vision_config.intermediate_size
+    return config.hidden_size, config.intermediate_size
+
+
+def rate_against_ceiling(
+    name: str, config: PretrainedConfig, flops: float, seconds: float, tokens_per_batch: int
+) -> dict:
+    """Achieved FLOP/s against a plain matmul of the encoder's MLP shape at its batch's
+    tokens, timed here in each precision; the faster one is this machine's ceiling."""
+    inner, outer = mlp_widths(name, config)
+    ceiling = {
+        dtype: matmul_flops_per_second(tokens_per_batch, inner, outer, DTYPES[dtype], CPU)
+        for dtype in timed_precisions()
+    }
+    best = max(ceiling, key=ceiling.get)
+    return {
+        "achieved": flops / seconds / 1e9,
+        **{f"matmul_{dtype}": value / 1e9 for dtype, value in ceiling.items()},
+        "share_of_ceiling": flops / seconds / ceiling[best],
+        "ceiling_matmul": f"{best} [{tokens_per_batch}x{inner}]x[{inner}x{outer}]",
+    }
+
+
+def describe_rate(rate: dict) -> str:
+    """'N GFLOP/s = S% of the ceiling, a plain ... matmul: ...'."""
+    return (
+        f"{rate['achieved']:.4g} GFLOP/s = {rate['share_of_ceiling']:.0%} of the ceiling, a "
+        f"plain {rate['ceiling_matmul']} matmul: "
+        + ", ".join(
+            f"{value:.4g} GFLOP/s {key.removeprefix('matmul_')}"
+            for key, value in rate.items()
+            if key.startswith("matmul_")
+        )
+    )
+
+
+def batch_flops(name: str, config: PretrainedConfig, encoder: Encoder, batch) -> tuple[float, int]:
+    """Model FLOPs of one batch from the config (text: each report's own tokens, padding not
+    counted) and the tokens the batch's matmuls run on."""
+    if name == IMAGE:
+        return blip2_image_flops(config) * len(batch), len(batch) * vit_tokens(config.vision_config)
+    lengths = [min(length, encoder.max_length) for length in encoder.token_lengths(batch)]
+    return sum(llama_flops(config, length) for length in lengths), max(lengths) * len(batch)
+
+
+def layers(config: PretrainedConfig) -> str:
+    """'6 + 2' (ViT + Q-Former) or '2'."""
+    if hasattr(config, "vision_config"):
+        return (
+            f"{config.vision_config.num_hidden_layers} + {config.qformer_config.num_hidden_layers}"
+        )
+    return str(config.num_hidden_layers)
+
+
+def real_width_rates(
+    folder: Path,
+    configs: dict[str, PretrainedConfig],
+    table: pd.DataFrame,
+    images: Path,
+    dtype_of: dict[str, str],
+    batch_size: int,
+    label: str,
+) -> dict[str, dict]:
+    """Both encoders at the real checkpoints' widths (fewer layers), one batch each, in the
+    precision extract uses: each one's share of the ceiling at its own shape, and where the
+    rest goes."""
+    registry = write_encoders(folder, configs)
+    rates = {}
+    for name in (IMAGE, TEXT):
+        encoder = load(name, registry, dtype_of[name])
+        batch = sample_batch(encoder, table, images, batch_size)
+        seconds = seconds_per_item(encoder, batch) * len(batch)
+        flops, tokens = batch_flops(name, configs[name], encoder, batch)
+        rates[name] = rate_against_ceiling(name, configs[name], flops, seconds, tokens)
+        _, rates[name]["forward_time_by_kind"] = profiled(encoder.encode, batch)
+        widths = "x".join(str(width) for width in mlp_widths(name, configs[name]))
+        print(
+            f"{name} at {label} widths {widths}, {layers(configs[name])} layers, one batch of "
+            f"{len(batch)} in {dtype_of[name]}: {seconds * 1e3:.0f} ms, "
+            f"{describe_rate(rates[name])}; where it goes: "
+            f"{describe(rates[name]['forward_time_by_kind'])}"
+        )
+        del encoder  # before the next one loads: Llama-3-8B's width takes GBs
+    return rates
 
 
 def naive_loop(
@@ -336,6 +455,16 @@ def main() -> None:
             f"same vectors: lowest cosine naive vs extract over the timed pairs: image "
             f"{agreement[IMAGE]:.4f}, text {agreement[TEXT]:.4f}"
         )
+        real_configs = real_width_configs(args.smoke)
+        real_rates = real_width_rates(
+            folder / "real-width",
+            real_configs,
+            table,
+            manifest.parent,
+            dtype_of,
+            args.batch_size,
+            "tiny (--smoke)" if args.smoke else "the real checkpoints'",
+        )
 
     max_length = fp32[TEXT].max_length
     lengths = [min(length, max_length) for length in fp32[TEXT].token_lengths(reports)]
@@ -357,35 +486,20 @@ def main() -> None:
         IMAGE: blip2_image_flops(configs[IMAGE]) * len(features[IMAGE].keys),
         TEXT: sum(llama_flops(configs[TEXT], length) for length in lengths),
     }
-    widths = {
-        IMAGE: (
-            configs[IMAGE].vision_config.hidden_size,
-            configs[IMAGE].vision_config.intermediate_size,
-        ),
-        TEXT: (configs[TEXT].hidden_size, configs[TEXT].intermediate_size),
-    }
     tokens_per_batch = {
         IMAGE: args.batch_size * vit_tokens(configs[IMAGE].vision_config),
         TEXT: args.batch_size * int(np.mean(lengths)),
     }
-    rates = {}
-    for name in (IMAGE, TEXT):
-        ceiling = {
-            dtype: matmul_flops_per_second(
-                tokens_per_batch[name], *widths[name], DTYPES[dtype], CPU
-            )
-            for dtype in timed_precisions()
-        }
-        # The ceiling is the faster precision's: what this machine could reach at all.
-        best = max(ceiling, key=ceiling.get)
-        achieved = flops[name] / encode[name]
-        rates[name] = {"achieved": achieved, "ceiling": ceiling, "flops": flops[name]}
+    rates = {
+        name: rate_against_ceiling(
+            name, configs[name], flops[name], encode[name], tokens_per_batch[name]
+        )
+        for name in (IMAGE, TEXT)
+    }
+    for name, rate in rates.items():
         print(
-            f"{name} in {dtype_of[name]} achieved {achieved / 1e9:.3g} GFLOP/s "
-            f"({flops[name] / 1e12:.3g} TFLOP from its config / {encode[name]:.1f} s in "
-            f"forward) = {achieved / ceiling[best]:.0%} of the ceiling, a plain {best} matmul "
-            f"[{tokens_per_batch[name]}x{widths[name][0]}]x[{widths[name][0]}x{widths[name][1]}]"
-            ": " + ", ".join(f"{rate / 1e9:.3g} GFLOP/s {dtype}" for dtype, rate in ceiling.items())
+            f"{name} in {dtype_of[name]} achieved {describe_rate(rate)} ({flops[name] / 1e12:.3g} "
+            f"TFLOP from its config / {encode[name]:.1f} s in forward)"
         )
 
     result = {
@@ -407,13 +521,11 @@ def main() -> None:
         "lowest_cosine_naive_vs_extract": agreement,
         "padding_share": {**padding, "recorded": recorded},
         "forward_time_by_kind": time_split,
-        "gflops": {
-            name: {
-                "achieved": rate["achieved"] / 1e9,
-                **{f"matmul_{dtype}": value / 1e9 for dtype, value in rate["ceiling"].items()},
-                "share_of_ceiling": rate["achieved"] / max(rate["ceiling"].values()),
-            }
-            for name, rate in rates.items()
+        "gflops": rates,
+        "real_width": {
+            "layers": REAL_WIDTH_LAYERS,
+            "configs": {name: config.to_dict() for name, config in real_configs.items()},
+            "gflops": real_rates,
         },
         "ratio": naive_total / ours_total,
         "smoke": args.smoke,

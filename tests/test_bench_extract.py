@@ -12,8 +12,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoConfig, Blip2Config, LlamaModel
 
+from bench.extract_cpu import IMAGE, TEXT, real_width_configs
 from bench.extract_gpu import datasheet_peak, peak_flops
-from bench.model_flops import bench_config, blip2_image_flops, llama_flops
+from bench.model_flops import bench_config, blip2_image_flops, llama_flops, vit_flops
 from bench.operations import KINDS, describe, profiled
 from bench.throughput import length_batches, padding_share
 from extract.blip2 import Blip2ImageQFormer
@@ -100,6 +101,23 @@ def test_full_size_configs_are_blip2_opt_2_7b_and_llama_3_8b():
     assert llama_flops(bench_config("llama-3-8b"), 200) / 1e12 == pytest.approx(2.8, rel=0.01)
 
 
+def test_real_width_configs_keep_the_checkpoints_widths_and_the_qformers_share():
+    configs = real_width_configs(smoke=False)
+    image, full_image = configs[IMAGE], bench_config("blip2-opt-2.7b-image")
+    for part in ("vision_config", "qformer_config"):
+        cut, full = getattr(image, part).to_dict(), getattr(full_image, part).to_dict()
+        assert {**cut, "num_hidden_layers": None} == {**full, "num_hidden_layers": None}
+    assert image.vision_config.num_hidden_layers < full_image.vision_config.num_hidden_layers
+    # The Q-Former's share of an image's FLOPs stays near ViT-g + Q-Former's own.
+    share = 1 - vit_flops(image.vision_config) / blip2_image_flops(image)
+    full_share = 1 - vit_flops(full_image.vision_config) / blip2_image_flops(full_image)
+    assert share == pytest.approx(full_share, abs=0.005)
+    text, full_text = configs[TEXT], bench_config("llama-3-8b")
+    for key in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads"):
+        assert getattr(text, key) == getattr(full_text, key), key
+    assert text.num_hidden_layers < full_text.num_hidden_layers
+
+
 def test_padding_share_of_length_batches():
     lengths = [10, 2, 9, 3]
     in_order = length_batches(lengths, 2, by_length=False)
@@ -162,6 +180,11 @@ def test_extract_cpu_bench_smoke_prints_timings_padding_gflops_and_ratio():
         )
         (split,) = [line for line in lines if line.startswith(f"{encoder} in ") and " go " in line]
         assert "matrix products" in split and "attention" in split, split
+        # The same measured at the real checkpoints' widths (tiny ones under --smoke).
+        (real,) = [line for line in lines if line.startswith(f"{encoder} at tiny (--smoke) ")]
+        assert re.search(r"widths \d+x\d+, [\d +]+ layers, one batch of \d+ in \w+: ", real)
+        assert re.search(r"[\d.]+ GFLOP/s = \d+% of the ceiling, a plain \w+ \[\d+x", real)
+        assert "where it goes: " in real and "matrix products" in real, real
     assert re.search(r"ratio: \d+(\.\d+)?$", lines[-1])
 
 
