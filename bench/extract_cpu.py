@@ -257,9 +257,9 @@ def batch_flops(name: str, config: PretrainedConfig, encoder: Encoder, batch) ->
     return sum(llama_flops(config, length) for length in lengths), max(lengths) * len(batch)
 
 
-def layers(config: PretrainedConfig) -> str:
-    """'6 + 2' (ViT + Q-Former) or '2'."""
-    if hasattr(config, "vision_config"):
+def layers(name: str, config: PretrainedConfig) -> str:
+    """The encoder's layers: '6 + 2' (ViT + Q-Former) or '2'."""
+    if name == IMAGE:
         return (
             f"{config.vision_config.num_hidden_layers} + {config.qformer_config.num_hidden_layers}"
         )
@@ -289,8 +289,8 @@ def real_width_rates(
         _, rates[name]["forward_time_by_kind"] = profiled(encoder.encode, batch)
         widths = "x".join(str(width) for width in mlp_widths(name, configs[name]))
         print(
-            f"{name} at {label} widths {widths}, {layers(configs[name])} layers, one batch of "
-            f"{len(batch)} in {dtype_of[name]}: {seconds * 1e3:.0f} ms, "
+            f"{name} at {label} widths {widths}, {layers(name, configs[name])} layers, one "
+            f"batch of {len(batch)} in {dtype_of[name]}: {seconds * 1e3:.0f} ms, "
             f"{describe_rate(rates[name])}; where it goes: "
             f"{describe(rates[name]['forward_time_by_kind'])}"
         )
