@@ -38,6 +38,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.machine import cpu_name, cpu_threads  # noqa: E402
+from fuse.reuse import REUSED_FROM  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "dvc_repro.json"
@@ -50,6 +51,7 @@ INSTALL_STEPS = (
     ("vlmf", ("-m", "pip", "install", "-q", "-e", ".[extract,dev]")),
 )
 RUNNING = re.compile(r"Running stage '([^']+)'")
+RUNS_FILES = "reports/*/runs.json"  # one per protocol run: fuse, label_efficiency
 
 
 def tracked_files(repo: Path) -> list[str]:
@@ -105,6 +107,49 @@ def run_streamed(command: Sequence[str], cwd: Path, env: dict[str, str]) -> Stre
             sys.stdout.write(line)
             sys.stdout.flush()
     return StreamedRun(process.returncode, time.perf_counter() - start, tuple(starts))
+
+
+def fit_seconds(project: Path) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
+    """Per protocol run (its folder), per model, per kind of fit (head, probe): how many
+    fits it made and their seconds summed, from its runs.json, models by seconds, dearest
+    first; and how many it took from another run (`reused`: they cost this run nothing).
+    A run's processes share its fits, so the sum is CPU time, not the stage's."""
+    summary = {}
+    for runs_file in sorted(project.glob(RUNS_FILES)):
+        models: dict[str, dict[str, dict[str, float]]] = {}
+        for run in json.loads(runs_file.read_text(encoding="utf-8"))["runs"]:
+            kind = models.setdefault(run["model"], {}).setdefault(
+                run["head"], {"fits": 0, "seconds": 0.0, "reused": 0}
+            )
+            if REUSED_FROM in run:
+                kind["reused"] += 1
+            else:
+                kind["fits"] += 1
+                kind["seconds"] += run["seconds"]
+        summary[runs_file.parent.relative_to(project).as_posix()] = dict(
+            sorted(models.items(), key=lambda item: -sum(k["seconds"] for k in item[1].values()))
+        )
+    return summary
+
+
+def describe_fits(summary: dict[str, dict[str, dict[str, dict[str, float]]]]) -> list[str]:
+    """fit_seconds' summary as lines: one per model, then each run's total."""
+    lines = []
+    for folder, models in summary.items():
+        for model, kinds in models.items():
+            described = ", ".join(
+                f"{kind['fits']} {name}s {kind['seconds']:.1f} s"
+                + (f" (+{kind['reused']} reused)" if kind["reused"] else "")
+                for name, kind in kinds.items()
+            )
+            lines.append(f"fits of {folder}: {model}: {described}")
+        every = [kind for kinds in models.values() for kind in kinds.values()]
+        lines.append(
+            f"fits of {folder}: {sum(kind['fits'] for kind in every)} fits, "
+            f"{sum(kind['seconds'] for kind in every):.1f} s in all "
+            "(CPU seconds: its processes share them)"
+        )
+    return lines
 
 
 def install(project: Path, venv: Path) -> tuple[dict[str, float], dict[str, str]]:
@@ -207,6 +252,7 @@ def main() -> None:
         targets = SMOKE_TARGETS if args.smoke else ()
         run = run_streamed(["dvc", "repro", *targets], project, env)
         dvc_version = _dvc_version(env)
+        fits = fit_seconds(project)
     finally:
         if args.keep:
             print(f"kept {root}")
@@ -220,6 +266,8 @@ def main() -> None:
     for name, seconds in stages.items():
         print(f"stage {name}: {seconds:.1f} s")
     print(f"before the first stage: {before:.1f} s")
+    for line in describe_fits(fits):
+        print(line)
     for name, seconds in installed.items():
         print(f"install {name}: {seconds:.1f} s")
     print(f"cpu: {cpu_name()}, {cpu_threads()} threads, python {platform.python_version()}")
@@ -235,6 +283,7 @@ def main() -> None:
             "install_seconds": installed,
             "stage_seconds": stages,
             "before_first_stage_seconds": before,
+            "fit_seconds": fits,
             "total_seconds": run.seconds,
             "params_set": dict(args.set),
         }

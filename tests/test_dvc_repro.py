@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from bench.dvc_repro import describe_fits, fit_seconds
 from extract.explain import ExplainConfig
 from extract.run import ExtractConfig
 from fuse.protocol import ProtocolConfig
@@ -138,6 +139,21 @@ def test_dvc_repro_runs_every_stage_and_writes_metrics(tmp_path):
         "external",
     ]
     assert 'data-headline="M4/test/image/auc"' in (reports / "index.html").read_text()
+    # What bench/dvc_repro.py reports each model's fits cost, from the runs' own records:
+    # every fit counted once, and the label-efficiency run's 100% shares, taken from the
+    # protocol's run, counted as reused rather than as its own fits.
+    fits = fit_seconds(tmp_path)
+    assert list(fits) == ["reports/label_efficiency", "reports/protocol"]
+    assert sorted(fits["reports/protocol"]) == sorted(models)
+    for kinds in fits["reports/protocol"].values():
+        assert [(name, kind["fits"], kind["reused"]) for name, kind in kinds.items()] == [
+            ("head", 2, 0),
+            ("probe", 2, 0),
+        ]
+        assert all(kind["seconds"] > 0 for kind in kinds.values())
+    learning = fits["reports/label_efficiency"]["M4"]
+    assert [(kind["fits"], kind["reused"]) for kind in learning.values()] == [(2, 2), (2, 2)]
+    assert "fits of reports/label_efficiency: M4: 2 heads " in describe_fits(fits)[0]
     shown = subprocess.run(["dvc", "metrics", "show"], cwd=tmp_path, capture_output=True, text=True)
     assert shown.returncode == 0 and "M4.json" in shown.stdout, shown.stdout + shown.stderr
     again = subprocess.run(["dvc", "repro"], cwd=tmp_path, capture_output=True, text=True)
