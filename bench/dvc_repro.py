@@ -5,7 +5,9 @@ into a new temporary folder, which is what a fresh clone holds; there `dvc init 
 and `dvc repro` run, with dvc's output streamed here and each "Running stage" line
 timestamped. A stage's seconds run from its line to the next one's (or to the end of the
 run): its command, then DVC's hashing and caching of its outputs. Prints one line per
-stage, the total, the CPU model and its thread count, and writes
+stage; from each protocol run's runs.json (reports/protocol, reports/label_efficiency),
+what each model's fits cost (heads and probes apart, fits reused from another run apart);
+the total, the CPU model and its thread count, and writes
 bench/results/dvc_repro.json (not in --smoke mode; with --set, a file named by the
 settings, dvc_repro_set_fuse.trials-3.json, which also records them). The stages run
 with this Python and this dvc unless --install is given.
