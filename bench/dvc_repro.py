@@ -54,6 +54,8 @@ INSTALL_STEPS = (
 )
 RUNNING = re.compile(r"Running stage '([^']+)'")
 RUNS_FILES = "reports/*/runs.json"  # one per protocol run: fuse, label_efficiency
+# run folder -> model -> kind of fit (head, probe) -> {"fits", "seconds", "reused"}
+FitSummary = dict[str, dict[str, dict[str, dict[str, float]]]]
 
 
 def tracked_files(repo: Path) -> list[str]:
@@ -111,12 +113,12 @@ def run_streamed(command: Sequence[str], cwd: Path, env: dict[str, str]) -> Stre
     return StreamedRun(process.returncode, time.perf_counter() - start, tuple(starts))
 
 
-def fit_seconds(project: Path) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
+def fit_seconds(project: Path) -> FitSummary:
     """Per protocol run (its folder), per model, per kind of fit (head, probe): how many
     fits it made and their seconds summed, from its runs.json, models by seconds, dearest
     first; and how many it took from another run (`reused`: they cost this run nothing).
     A run's processes share its fits, so the sum is CPU time, not the stage's."""
-    summary = {}
+    summary: FitSummary = {}
     for runs_file in sorted(project.glob(RUNS_FILES)):
         models: dict[str, dict[str, dict[str, float]]] = {}
         for run in json.loads(runs_file.read_text(encoding="utf-8"))["runs"]:
@@ -134,7 +136,7 @@ def fit_seconds(project: Path) -> dict[str, dict[str, dict[str, dict[str, float]
     return summary
 
 
-def describe_fits(summary: dict[str, dict[str, dict[str, dict[str, float]]]]) -> list[str]:
+def describe_fits(summary: FitSummary) -> list[str]:
     """fit_seconds' summary as lines: one per model, then each run's total."""
     lines = []
     for folder, models in summary.items():
